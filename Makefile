@@ -1,0 +1,55 @@
+# peftserve developer entry points. Every target installs what it needs first, idempotently.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+NPM_STAMP := node_modules/.installed
+PROTO_OUT := client/generated
+PROTOS := $(wildcard protos/peftserve/v1/*.proto)
+PYTEST_ARGS ?=
+
+.PHONY: install serve test check lint typecheck protos bench soak clean
+
+install: $(STAMP)
+
+# torch==2.13.0 goes in first and alone: it is the local CPU wheel, and anything that pulls an
+# unpinned torch before it would fetch gigabytes of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[server,dev]'
+	touch $@
+
+$(NPM_STAMP): package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+serve: $(STAMP)
+	$(PY) -m peftserve.server $(ARGS)
+
+test: $(STAMP) $(NPM_STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py --out $(PROTO_OUT)
+
+lint: $(STAMP) $(NPM_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	cd protos && npx --no-install buf lint
+
+# mypy cannot follow setuptools' package-dir remapping of an editable install, so it checks a
+# link tree that mirrors the installed package layout.
+typecheck: $(STAMP)
+	$(PY) scripts/typecheck_tree.py .typecheck
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p peftserve.client -p peftserve.server
+
+check: lint typecheck
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) node_modules .typecheck build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""peftserve server: a grpc.aio service over a batching PEFT generation engine."""

@@ -1,0 +1,40 @@
+"""The engine's settings: one frozen dataclass; the server's config builds it from flags/env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to load a model and schedule requests.
+
+    Defaults here are the engine's; the server's ``ServerConfig`` repeats none of them.
+    """
+
+    model_path: Path
+    # Each subdirectory holding an ``adapter_config.json`` is one adapter, named after it.
+    adapters_dir: Path | None = None
+    # Reported as ``model_id``; defaults to the model directory's name.
+    model_id: str | None = None
+    # "auto" picks "cuda" when available, else "cpu".
+    device: str = "auto"
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    # Batch formation.
+    max_batch_size: int = 32
+    # Budget of padded tokens per batch: rows x (longest prompt + largest max_new_tokens).
+    max_batch_tokens: int = 16384
+    # How long the first request of a batch may wait for companions.
+    max_wait_ms: float = 5.0
+    # Requests waiting (not yet running) beyond this are rejected with QueueFullError.
+    max_queue_size: int = 256
+    # Per-request limits, checked before any model work. ``None`` = the model's context length.
+    max_prompt_tokens: int | None = None
+    max_new_tokens: int | None = None
+    # Applied when a request sets neither max_new_tokens nor max_length.
+    default_max_new_tokens: int = 64
+    max_beams_times_sequences: int = 16
+    max_stop_sequences: int = 8
+    max_stop_sequence_length: int = 128
+    max_top_logprobs: int = 10

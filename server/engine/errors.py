@@ -1,0 +1,102 @@
+"""Domain errors raised by the engine; the server maps each to one gRPC status in one place.
+
+Every error carries a stable machine-readable ``reason`` (AIP-193 ``ErrorInfo.reason``) and an
+English message for developers. Errors about a request field name its path as the client sees
+it in the contract (``parameters.top_p``, ``adapter``, ``text``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class PeftServeError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(PeftServeError):
+    """One or more request fields are invalid (gRPC INVALID_ARGUMENT)."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        if not violations:
+            raise ValueError("InvalidRequestError needs at least one violation")
+        self.violations = tuple(violations)
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(message)
+
+    @classmethod
+    def single(cls, field: str, description: str) -> InvalidRequestError:
+        return cls([FieldViolation(field, description)])
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """Prompt plus requested new tokens do not fit the model's context window."""
+
+    reason = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class AdapterNotFoundError(PeftServeError):
+    """The request names an adapter that is not loaded (gRPC NOT_FOUND). Never falls back."""
+
+    reason = "ADAPTER_NOT_FOUND"
+
+    def __init__(self, adapter: str, available: list[str]) -> None:
+        self.adapter = adapter
+        self.available = tuple(available)
+        names = ", ".join(available) if available else "none"
+        super().__init__(f"adapter {adapter!r} is not loaded (loaded adapters: {names})")
+
+
+class QueueFullError(PeftServeError):
+    """The bounded request queue is full (gRPC RESOURCE_EXHAUSTED with RetryInfo)."""
+
+    reason = "QUEUE_FULL"
+
+    def __init__(self, queue_size: int, retry_after_s: float) -> None:
+        self.queue_size = queue_size
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the request queue is full ({queue_size} waiting); retry after {retry_after_s:.1f}s"
+        )
+
+
+class DeadlineExceededError(PeftServeError):
+    """The caller's deadline passed before the request could run (gRPC DEADLINE_EXCEEDED)."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
+class EngineUnavailableError(PeftServeError):
+    """The engine is loading or draining and admits no requests (gRPC UNAVAILABLE)."""
+
+    reason = "UNAVAILABLE"
+
+
+class RequestCancelledError(PeftServeError):
+    """The request was cancelled before it produced a result (gRPC CANCELLED)."""
+
+    reason = "CANCELLED"
+
+
+class AdapterLoadError(PeftServeError):
+    """An adapter directory could not be loaded (bad path, pickle weights, peft failure)."""
+
+    reason = "ADAPTER_LOAD_FAILED"
+
+    def __init__(self, adapter: str, message: str) -> None:
+        self.adapter = adapter
+        super().__init__(f"adapter {adapter!r} could not be loaded: {message}")

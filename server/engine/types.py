@@ -1,0 +1,212 @@
+"""Plain data types the engine takes and gives: requests, parameters, events, results.
+
+They mirror the protobuf contract field for field (same names, same "unset" semantics) so that
+validation errors can name the field path a client sees (``parameters.top_p``), yet nothing
+here imports gRPC or protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    """Why a returned sequence stopped growing."""
+
+    LENGTH = "length"  # max_new_tokens / max_length reached
+    EOS = "eos"  # the model produced its end-of-sequence token
+    STOP_SEQUENCE = "stop_sequence"  # a requested stop sequence was produced (not included)
+    CANCELLED = "cancelled"  # the caller cancelled the request
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the caller's deadline passed mid-generation
+    CONTEXT_LENGTH = "context_length"  # the model's context window is full
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Generation parameters; ``None`` means "use the model's generation config default".
+
+    Names and meanings follow ``transformers.GenerationConfig``.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    num_beams: int | None = None
+    num_return_sequences: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    seed: int | None = None
+    stop_sequences: tuple[str, ...] = ()
+    # Text that must never appear in the output; tokenized without special tokens.
+    bad_words: tuple[str, ...] = ()
+    # (text, bias) pairs added to the logits of the token sequence that spells ``text``.
+    sequence_bias: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    """What to include in the response besides the text."""
+
+    return_token_ids: bool = False
+    # Log-probabilities of each generated token under the model's raw (unprocessed)
+    # next-token distribution.
+    return_logprobs: bool = False
+    # How many most likely alternatives to report per position (0 = none).
+    top_logprobs: int = 0
+    # Drop special tokens (bos/eos/pad/...) from returned text.
+    skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One caller's request. Exactly one of ``text`` and ``token_ids`` is set."""
+
+    request_id: str
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    # "" means the base model without any adapter.
+    adapter: str = ""
+    parameters: GenerationParams = field(default_factory=GenerationParams)
+    options: ResponseOptions = field(default_factory=ResponseOptions)
+    # Absolute ``time.monotonic()`` instant after which the caller no longer wants an answer.
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token plus the most likely alternatives."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens for one returned sequence, emitted as soon as they are decoded.
+
+    ``text_delta`` never ends inside a UTF-8 character and never contains text at or after a
+    stop sequence; concatenating a sequence's deltas gives its final ``text`` byte for byte.
+    """
+
+    sequence_index: int
+    token_ids: tuple[int, ...]
+    text_delta: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # Beam search score (length-penalised sum of log-probabilities); None without beams.
+    beam_score: float | None = None
+
+
+@dataclass(frozen=True)
+class EffectiveParams:
+    """The parameters a request actually ran with, after the model's defaults were applied."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    typical_p: float
+    num_beams: int
+    num_return_sequences: int
+    length_penalty: float
+    early_stopping: bool
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    seed: int
+    stop_sequences: tuple[str, ...]
+    bad_words: tuple[str, ...]
+    sequence_bias: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The final outcome of a request."""
+
+    request_id: str
+    sequences: tuple[SequenceResult, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str
+    # sha256 over the adapter's weight file(s); "" for the base model.
+    adapter_sha256: str
+    effective: EffectiveParams
+    model_id: str
+    queue_wait_ms: float
+    inference_ms: float
+    # Number of requests in the batch this request ran in (for metrics/benchmarks).
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    peft_type: str  # e.g. "LORA", "LOHA", "IA3"
+    path: str
+    sha256: str
+    rank: int | None  # LoRA-style rank where the type has one
+    target_modules: tuple[str, ...]
+    # Whether rows of this adapter can share a batch with other adapters (peft adapter_names).
+    mixed_batching: bool
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Limits the engine enforces before any model work."""
+
+    max_batch_size: int
+    max_batch_tokens: int
+    max_queue_size: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_beams_times_sequences: int
+    max_stop_sequences: int
+    max_stop_sequence_length: int
+    max_top_logprobs: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    model_path: str
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    device: str  # e.g. "cpu", "cuda:0"
+    context_length: int
+    vocab_size: int
+    eos_token_id: int | None
+    limits: EngineLimits
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    token_ids: tuple[int, ...]
+    # The text each token stands for (byte-level pieces may be partial characters).
+    tokens: tuple[str, ...]
