@@ -187,6 +187,8 @@ class EngineLimits:
     max_queue_size: int
     max_prompt_tokens: int
     max_new_tokens: int
+    # Applied when a request sets neither max_new_tokens nor max_length.
+    default_max_new_tokens: int
     max_beams_times_sequences: int
     max_stop_sequences: int
     max_stop_sequence_length: int

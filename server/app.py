@@ -1,0 +1,150 @@
+"""Build and run the grpc.aio server: service, health, reflection, loading and graceful stop.
+
+Lifecycle: the port opens at once with health NOT_SERVING while the model loads in a worker
+thread (generation calls get UNAVAILABLE); SERVING when ready; on drain, NOT_SERVING again,
+new requests get UNAVAILABLE, and in-flight ones get ``shutdown_grace_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from peftserve.v1 import generation_pb2, generation_pb2_grpc
+
+from .config import ServerConfig
+from .engine.engine import Engine
+from .engine.errors import EngineUnavailableError
+from .interceptor import ErrorMappingInterceptor
+from .servicer import GenerationServicer
+
+logger = logging.getLogger("peftserve.server")
+
+SERVICE_NAME: str = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+class PeftServeServer:
+    """The running service: a grpc.aio server plus the engine it serves."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._engine: Engine | None = None
+        self._state = "loading"  # loading -> serving -> draining -> stopped | failed
+        self._load_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.health = health.aio.HealthServicer()
+        self.grpc_server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor(f"/{SERVICE_NAME}/")],
+            options=_channel_options(config),
+        )
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(self.engine), self.grpc_server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
+        self.port = self.grpc_server.add_insecure_port(config.address)
+        if self.port == 0:
+            raise OSError(f"could not bind {config.address}")
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def engine(self) -> Engine:
+        """The engine, if requests are admitted now; else EngineUnavailableError."""
+        if self._state == "loading":
+            raise EngineUnavailableError("the model is still loading; retry shortly")
+        if self._state == "failed":
+            raise EngineUnavailableError("the model failed to load; see the server log")
+        if self._state in ("draining", "stopped") or self._engine is None:
+            raise EngineUnavailableError("the server is shutting down")
+        return self._engine
+
+    async def start(self) -> None:
+        """Open the port now and load the model in the background."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.start()
+        logger.info("listening on port %d; loading the model", self.port)
+        self._load_task = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            engine = await asyncio.to_thread(Engine, self.config.engine)
+            await engine.start()
+        except Exception:
+            logger.exception("failed to load the model from %s", self.config.engine.model_path)
+            self._state = "failed"
+            self._ready.set()
+            return
+        self._engine = engine
+        if self._state == "loading":
+            self._state = "serving"
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            info = engine.info
+            logger.info(
+                "serving %s on %s (%s) with adapters: %s",
+                info.model_id,
+                info.device,
+                info.dtype,
+                ", ".join(a.name for a in engine.adapters()) or "none",
+            )
+        self._ready.set()
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Wait until loading has finished; raises RuntimeError if it failed."""
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        if self._state == "failed":
+            raise RuntimeError("the model failed to load")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: refuse new work, let in-flight requests finish within the grace, then stop."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        if self._state == "stopped":
+            return
+        previous = self._state
+        self._state = "draining"
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        logger.info("draining: up to %.1fs for in-flight requests", grace)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self._engine is not None and previous == "serving":
+            await self._engine.drain(grace)
+        # In-flight RPCs have their results by now; a short grace lets responses flush.
+        await self.grpc_server.stop(min(grace, 1.0))
+        if self._engine is not None:
+            await self._engine.stop()
+        self._state = "stopped"
+        logger.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+    async def _set_health(self, status: Any) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+
+def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.max_send_message_length", config.max_send_message_bytes),
+        # Let clients keep idle connections alive with pings, but not abusively often.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_concurrent_streams", 1024),
+    ]
+
+
+async def create_server(config: ServerConfig) -> tuple[PeftServeServer, int]:
+    """Create and start the server; returns it with the bound port (address port 0 = any)."""
+    server = PeftServeServer(config)
+    await server.start()
+    return server, server.port

@@ -1,0 +1,266 @@
+"""Pure translations between protobuf messages and engine types, in both directions.
+
+Only shape is handled here (presence, oneofs, enums); value checks live in the engine's
+validation so that direct engine users get them too, with the same field paths.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from peftserve.v1 import generation_pb2 as pb
+
+from .engine.errors import InvalidRequestError
+from .engine.types import (
+    AdapterInfo,
+    EffectiveParams,
+    FinishReason,
+    GenerationParams,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    ResponseOptions,
+    SequenceResult,
+    TokenEvent,
+    TokenizeResult,
+    TokenLogprob,
+)
+
+_FINISH_REASONS: dict[FinishReason, int] = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.DEADLINE_EXCEEDED: pb.FINISH_REASON_DEADLINE_EXCEEDED,
+    FinishReason.CONTEXT_LENGTH: pb.FINISH_REASON_CONTEXT_LENGTH,
+}
+
+# proto3 `optional` scalar fields of GenerationParameters, copied only when present.
+_OPTIONAL_PARAMS = (
+    "max_new_tokens",
+    "max_length",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "num_beams",
+    "num_return_sequences",
+    "length_penalty",
+    "early_stopping",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "seed",
+)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def generation_request(message: pb.GenerateRequest, deadline: float | None) -> GenerationRequest:
+    """GenerateRequest -> engine request. ``deadline`` is a ``time.monotonic()`` instant."""
+    input_kind = message.WhichOneof("input")
+    if input_kind is None:
+        raise InvalidRequestError.single("input", "set exactly one of text or token_ids")
+    params = message.parameters
+    values: dict[str, object] = {
+        name: getattr(params, name) for name in _OPTIONAL_PARAMS if params.HasField(name)
+    }
+    for name in (
+        "temperature",
+        "top_p",
+        "min_p",
+        "typical_p",
+        "length_penalty",
+        "repetition_penalty",
+    ):
+        # float32 on the wire; round-trip through repr so 0.9 stays 0.9, not 0.8999999761.
+        if name in values:
+            values[name] = _float32_to_python(float(values[name]))  # type: ignore[arg-type]
+    bias_items = tuple((item.text, _float32_to_python(item.bias)) for item in params.sequence_bias)
+    parameters = GenerationParams(
+        **values,  # type: ignore[arg-type]
+        stop_sequences=tuple(params.stop_sequences),
+        bad_words=tuple(params.bad_words),
+        sequence_bias=bias_items,
+    )
+    options = ResponseOptions(
+        return_token_ids=message.options.return_token_ids,
+        return_logprobs=message.options.return_logprobs,
+        top_logprobs=message.options.top_logprobs,
+        skip_special_tokens=not message.options.include_special_tokens,
+    )
+    return GenerationRequest(
+        request_id=message.request_id or new_request_id(),
+        text=message.text if input_kind == "text" else None,
+        token_ids=tuple(message.token_ids.ids) if input_kind == "token_ids" else None,
+        adapter=message.adapter,
+        parameters=parameters,
+        options=options,
+        deadline=deadline,
+    )
+
+
+def _float32_to_python(value: float) -> float:
+    """The shortest decimal that maps to the same float32 (0.9f -> 0.9); NaN/inf unchanged."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if _as_float32(candidate) == _as_float32(value):
+            return candidate
+    return value
+
+
+def _as_float32(value: float) -> float:
+    import struct
+
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+def _logprobs(items: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=item.token_id,
+            text=item.text,
+            logprob=item.logprob,
+            top_logprobs=[
+                pb.TopLogprob(token_id=t.token_id, text=t.text, logprob=t.logprob) for t in item.top
+            ],
+        )
+        for item in items
+    ]
+
+
+def _sequence(seq: SequenceResult, options: ResponseOptions, with_content: bool) -> pb.Sequence:
+    message = pb.Sequence(index=seq.index, finish_reason=_FINISH_REASONS[seq.finish_reason])
+    if with_content:
+        message.text = seq.text
+        if options.return_token_ids:
+            message.token_ids.extend(seq.token_ids)
+        if options.return_logprobs:
+            message.logprobs.extend(_logprobs(seq.logprobs))
+    if seq.beam_score is not None:
+        message.beam_score = seq.beam_score
+    return message
+
+
+def _effective(params: EffectiveParams) -> pb.EffectiveParameters:
+    return pb.EffectiveParameters(
+        max_new_tokens=params.max_new_tokens,
+        min_new_tokens=params.min_new_tokens,
+        do_sample=params.do_sample,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        typical_p=params.typical_p,
+        num_beams=params.num_beams,
+        num_return_sequences=params.num_return_sequences,
+        length_penalty=params.length_penalty,
+        early_stopping=params.early_stopping,
+        repetition_penalty=params.repetition_penalty,
+        no_repeat_ngram_size=params.no_repeat_ngram_size,
+        stop_sequences=list(params.stop_sequences),
+        bad_words=list(params.bad_words),
+        sequence_bias=[pb.SequenceBias(text=t, bias=b) for t, b in params.sequence_bias],
+    )
+
+
+def _provenance(result: GenerationResult) -> pb.Provenance:
+    return pb.Provenance(
+        model_id=result.model_id,
+        adapter=result.adapter,
+        adapter_sha256=result.adapter_sha256,
+        seed=result.effective.seed,
+        effective_parameters=_effective(result.effective),
+    )
+
+
+def _usage(result: GenerationResult) -> pb.Usage:
+    return pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+
+
+def _timing(result: GenerationResult) -> pb.Timing:
+    return pb.Timing(queue_wait_ms=result.queue_wait_ms, inference_ms=result.inference_ms)
+
+
+def generate_response(result: GenerationResult, options: ResponseOptions) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        request_id=result.request_id,
+        sequences=[_sequence(s, options, with_content=True) for s in result.sequences],
+        usage=_usage(result),
+        provenance=_provenance(result),
+        timing=_timing(result),
+    )
+
+
+def stream_delta(
+    request_id: str, event: TokenEvent, options: ResponseOptions
+) -> pb.StreamGenerateResponse:
+    delta = pb.SequenceDelta(index=event.sequence_index, text=event.text_delta)
+    if options.return_token_ids:
+        delta.token_ids.extend(event.token_ids)
+    if options.return_logprobs:
+        delta.logprobs.extend(_logprobs(event.logprobs))
+    return pb.StreamGenerateResponse(request_id=request_id, delta=delta)
+
+
+def stream_summary(result: GenerationResult, options: ResponseOptions) -> pb.StreamGenerateResponse:
+    summary = pb.StreamSummary(
+        sequences=[_sequence(s, options, with_content=False) for s in result.sequences],
+        usage=_usage(result),
+        provenance=_provenance(result),
+        timing=_timing(result),
+    )
+    return pb.StreamGenerateResponse(request_id=result.request_id, summary=summary)
+
+
+def tokenize_response(result: TokenizeResult) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(token_ids=list(result.token_ids), tokens=list(result.tokens))
+
+
+def model_info_response(info: ModelInfo) -> pb.GetModelInfoResponse:
+    limits = info.limits
+    response = pb.GetModelInfoResponse(
+        model_id=info.model_id,
+        dtype=info.dtype,
+        device=info.device,
+        context_length=info.context_length,
+        vocab_size=info.vocab_size,
+        limits=pb.ServerLimits(
+            max_batch_size=limits.max_batch_size,
+            max_batch_tokens=limits.max_batch_tokens,
+            max_queue_size=limits.max_queue_size,
+            max_prompt_tokens=limits.max_prompt_tokens,
+            max_new_tokens=limits.max_new_tokens,
+            default_max_new_tokens=limits.default_max_new_tokens,
+            max_beams_times_sequences=limits.max_beams_times_sequences,
+            max_stop_sequences=limits.max_stop_sequences,
+            max_stop_sequence_length=limits.max_stop_sequence_length,
+            max_top_logprobs=limits.max_top_logprobs,
+        ),
+    )
+    if info.eos_token_id is not None:
+        response.eos_token_id = info.eos_token_id
+    return response
+
+
+def adapters_response(adapters: list[AdapterInfo]) -> pb.ListAdaptersResponse:
+    response = pb.ListAdaptersResponse()
+    for adapter in sorted(adapters, key=lambda a: a.name):
+        message = pb.Adapter(
+            name=adapter.name,
+            peft_type=adapter.peft_type,
+            sha256=adapter.sha256,
+            target_modules=list(adapter.target_modules),
+            mixed_batching=adapter.mixed_batching,
+        )
+        if adapter.rank is not None:
+            message.rank = adapter.rank
+        response.adapters.append(message)
+    return response

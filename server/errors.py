@@ -1,0 +1,117 @@
+"""The one place where domain errors become gRPC statuses with ``google.rpc`` details.
+
+AIP-193: the most specific code, an English message for developers, ``ErrorInfo`` with a
+stable ``reason``, ``BadRequest`` field violations for invalid fields, ``RetryInfo`` where a
+retry may succeed. Unexpected exceptions become INTERNAL with no traceback sent.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from .engine.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    DeadlineExceededError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    PeftServeError,
+    QueueFullError,
+    RequestCancelledError,
+)
+
+ERROR_DOMAIN = "peftserve.v1"
+
+# Most specific first: subclasses precede their bases.
+_CODES: tuple[tuple[type[PeftServeError], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (RequestCancelledError, grpc.StatusCode.CANCELLED),
+    (AdapterLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_code_for(error: PeftServeError) -> grpc.StatusCode:
+    for error_type, code in _CODES:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
+    """Build the rich status for a domain error."""
+    code = status_code_for(error)
+    metadata = {"request_id": request_id} if request_id else {}
+    details: list[any_pb2.Any] = [
+        _pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
+        )
+    ]
+    if isinstance(error, InvalidRequestError):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        details.append(_pack(bad_request))
+    elif isinstance(error, AdapterNotFoundError):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field="adapter", description=error.message
+                        )
+                    ]
+                )
+            )
+        )
+        details.append(
+            _pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type="adapter", resource_name=error.adapter, description=error.message
+                )
+            )
+        )
+    elif isinstance(error, QueueFullError):
+        retry_delay = duration_pb2.Duration()
+        retry_delay.FromMilliseconds(max(1, int(error.retry_after_s * 1000)))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=retry_delay)))
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+def internal_status(request_id: str) -> grpc.Status:
+    """INTERNAL without any detail of the failure: those go to the log, keyed by request id."""
+    message = "internal error"
+    if request_id:
+        message += f" (request_id {request_id}; details are in the server log)"
+    status = status_pb2.Status(
+        code=code_pb2.INTERNAL,
+        message=message,
+        details=[
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason="INTERNAL",
+                    domain=ERROR_DOMAIN,
+                    metadata={"request_id": request_id} if request_id else {},
+                )
+            )
+        ],
+    )
+    return rpc_status.to_status(status)

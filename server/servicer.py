@@ -1,0 +1,107 @@
+"""GenerationService: protobuf in, engine calls, protobuf out — and nothing else.
+
+Errors propagate as domain exceptions to ``interceptor.ErrorMappingInterceptor``; the only
+handling here is handing the caller's cancellation and deadline to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from peftserve.v1 import generation_pb2 as pb
+from peftserve.v1 import generation_pb2_grpc as pb_grpc
+
+from . import convert
+from .engine.engine import Engine, RequestHandle
+from .engine.errors import DeadlineExceededError, InvalidRequestError
+from .engine.types import GenerationRequest, GenerationResult
+from .interceptor import record
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """Implements every RPC of ``peftserve.v1.GenerationService`` over the engine."""
+
+    def __init__(self, engine: Callable[[], Engine]) -> None:
+        # A callable, not an engine: it raises EngineUnavailableError while loading/draining.
+        self._engine = engine
+
+    def _request(
+        self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> GenerationRequest:
+        entry = record()
+        entry.request_id = message.request_id
+        entry.adapter = message.adapter
+        remaining = context.time_remaining()
+        deadline = None
+        if remaining is not None:
+            if remaining <= 0:
+                raise DeadlineExceededError("the deadline passed before the request was read")
+            deadline = time.monotonic() + remaining
+        request = convert.generation_request(message, deadline)
+        entry.request_id = request.request_id
+        return request
+
+    @staticmethod
+    def _record(result: GenerationResult) -> None:
+        entry = record()
+        entry.prompt_tokens = result.prompt_tokens
+        entry.completion_tokens = result.completion_tokens
+        entry.queue_wait_ms = result.queue_wait_ms
+        entry.inference_ms = result.inference_ms
+        entry.extra["batch_size"] = result.batch_size
+        entry.extra["finish_reasons"] = ",".join(s.finish_reason.value for s in result.sequences)
+
+    async def Generate(  # noqa: N802 - gRPC method names are the contract's
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        engine_request = self._request(request, context)
+        handle = self._engine().submit(engine_request, stream=False)
+        result = await _until_done(handle, handle.result())
+        self._record(result)
+        return convert.generate_response(result, engine_request.options)
+
+    async def StreamGenerate(  # noqa: N802
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        engine_request = self._request(request, context)
+        handle = self._engine().submit(engine_request, stream=True)
+        try:
+            async for event in handle:
+                yield convert.stream_delta(handle.request_id, event, engine_request.options)
+            result = await handle.result()
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away (cancel, deadline, disconnect): free the row now.
+            handle.cancel()
+            raise
+        self._record(result)
+        yield convert.stream_summary(result, engine_request.options)
+
+    async def Tokenize(  # noqa: N802
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        if not request.text:
+            raise InvalidRequestError.single("text", "must not be empty")
+        result = self._engine().tokenize(request.text, request.add_special_tokens)
+        return convert.tokenize_response(result)
+
+    async def GetModelInfo(  # noqa: N802
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        return convert.model_info_response(self._engine().info)
+
+    async def ListAdapters(  # noqa: N802
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        return convert.adapters_response(self._engine().adapters())
+
+
+async def _until_done(handle: RequestHandle, waiter: object) -> GenerationResult:
+    """Await the result; if the caller cancels meanwhile, cancel the engine request too."""
+    try:
+        return await waiter  # type: ignore[misc, no-any-return]
+    except asyncio.CancelledError:
+        handle.cancel()
+        raise
