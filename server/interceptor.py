@@ -9,6 +9,7 @@ context variable, and the line is written here once the final status is known.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -122,10 +123,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 def _reset(token: contextvars.Token[RequestRecord | None]) -> None:
     # An abandoned stream may be finalised from another context; the record is dropped anyway.
-    try:
+    with contextlib.suppress(ValueError):
         current_record.reset(token)
-    except ValueError:
-        pass
 
 
 def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
