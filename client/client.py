@@ -1,0 +1,184 @@
+"""The synchronous client; ``aio.py`` is its asyncio twin and the two change together.
+
+Requests are built by ``requests.build_generate_request`` and responses converted by
+``responses``, so this file only owns the channel, deadlines, metadata and error conversion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from types import TracebackType
+from typing import Any, Unpack
+
+import grpc
+from peftserve.v1 import generation_pb2 as pb
+from peftserve.v1 import generation_pb2_grpc as pb_grpc
+
+from .channel import DEFAULT_TARGET, ChannelSettings, TLSOptions, auth_metadata, create_channel
+from .errors import PeftServeClientError
+from .requests import build_generate_request, build_tokenize_request
+from .responses import (
+    StreamAssembler,
+    adapters_from_pb,
+    generation_output_from_pb,
+    model_info_from_pb,
+    tokenize_output_from_pb,
+)
+from .types import (
+    AdapterInfo,
+    GenerateOptions,
+    GenerationOutput,
+    ModelInfo,
+    SequenceDelta,
+    StreamEvent,
+    TokenizeOutput,
+)
+
+__all__ = ["DEFAULT_TIMEOUT_S", "PeftServeClient"]
+
+# Long enough for a few hundred tokens on a CPU behind a queue; pass None for no deadline.
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class PeftServeClient:
+    """A blocking client for ``peftserve.v1.GenerationService``; thread-safe like its channel.
+
+    Use as a context manager, or call ``close()``. Every failed RPC raises
+    ``PeftServeClientError``.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        tls: TLSOptions | bool = False,
+        token: str | None = None,
+        settings: ChannelSettings | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        """Connect lazily to ``target``.
+
+        ``tls=True`` uses the system roots; a ``TLSOptions`` adds custom roots or mTLS.
+        ``settings`` overrides every channel setting at once (tls/token then come from it);
+        ``channel`` uses an existing channel, which the client then does not close.
+        """
+        if settings is None:
+            tls_options = TLSOptions() if tls is True else (tls or None)
+            settings = ChannelSettings(tls=tls_options, token=token)
+        self.target = target
+        self.timeout_s = timeout_s
+        self._owns_channel = channel is None
+        self._channel = channel if channel is not None else create_channel(target, settings)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._metadata = auth_metadata(settings)
+
+    def __enter__(self) -> PeftServeClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel (if this client created it); in-flight calls are cancelled."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def _call_kwargs(self, timeout_s: float | None) -> dict[str, Any]:
+        return {
+            "timeout": timeout_s if timeout_s is not None else self.timeout_s,
+            "metadata": self._metadata or None,
+        }
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout_s: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> GenerationOutput:
+        """Generate a whole response; see ``build_generate_request`` for the keywords."""
+        request = build_generate_request(prompt, **options)
+        try:
+            response = self._stub.Generate(request, **self._call_kwargs(timeout_s))
+        except grpc.RpcError as error:
+            raise PeftServeClientError.from_rpc_error(error) from error
+        return generation_output_from_pb(response)
+
+    def stream_events(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout_s: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Generator[StreamEvent, None, None]:
+        """Yield a ``SequenceDelta`` per message, then one ``StreamSummary`` with the result.
+
+        Stopping the iteration early (``break``, ``close()``) cancels the RPC, so the server
+        stops generating for a caller that no longer listens.
+        """
+        request = build_generate_request(prompt, **options)
+        assembler = StreamAssembler()
+        call = self._stub.StreamGenerate(request, **self._call_kwargs(timeout_s))
+        try:
+            for message in call:
+                event = assembler.feed(message)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as error:
+            raise PeftServeClientError.from_rpc_error(error) from error
+        finally:
+            if not assembler.finished:
+                call.cancel()
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout_s: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Generator[str, None, None]:
+        """Yield the text deltas of sequence 0 as they are decoded (empty deltas skipped)."""
+        events = self.stream_events(prompt, timeout_s=timeout_s, **options)
+        try:
+            for event in events:
+                if isinstance(event, SequenceDelta) and event.index == 0 and event.text:
+                    yield event.text
+        finally:
+            events.close()
+
+    def tokenize(
+        self, text: str, add_special_tokens: bool = True, *, timeout_s: float | None = None
+    ) -> TokenizeOutput:
+        """Tokenize ``text`` with the served model's tokenizer."""
+        request = build_tokenize_request(text, add_special_tokens)
+        try:
+            response = self._stub.Tokenize(request, **self._call_kwargs(timeout_s))
+        except grpc.RpcError as error:
+            raise PeftServeClientError.from_rpc_error(error) from error
+        return tokenize_output_from_pb(response)
+
+    def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
+        """Describe the served model and the server's limits."""
+        try:
+            response = self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), **self._call_kwargs(timeout_s)
+            )
+        except grpc.RpcError as error:
+            raise PeftServeClientError.from_rpc_error(error) from error
+        return model_info_from_pb(response)
+
+    def list_adapters(self, *, timeout_s: float | None = None) -> tuple[AdapterInfo, ...]:
+        """The adapters requests may name, sorted by name."""
+        try:
+            response = self._stub.ListAdapters(
+                pb.ListAdaptersRequest(), **self._call_kwargs(timeout_s)
+            )
+        except grpc.RpcError as error:
+            raise PeftServeClientError.from_rpc_error(error) from error
+        return adapters_from_pb(response)

@@ -1,0 +1,1 @@
+"""Tests of the v1 contract itself: generated stubs, presence, enums, comments, buf lint."""
