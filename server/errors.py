@@ -7,6 +7,8 @@ retry may succeed. Unexpected exceptions become INTERNAL with no traceback sent.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -92,8 +94,26 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
         retry_delay = duration_pb2.Duration()
         retry_delay.FromMilliseconds(max(1, int(error.retry_after_s * 1000)))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=retry_delay)))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
-    return rpc_status.to_status(status)
+    status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    )
+    if isinstance(error, QueueFullError):
+        # gRPC's built-in retry ignores RetryInfo but honours this trailer, so clients with a
+        # retry policy back off as long as the server asks.
+        pushback_ms = str(max(1, int(error.retry_after_s * 1000)))
+        return _WithTrailers(
+            status.code,
+            status.details,
+            (*status.trailing_metadata, ("grpc-retry-pushback-ms", pushback_ms)),
+        )
+    return status
+
+
+@dataclass(frozen=True)
+class _WithTrailers(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 def internal_status(request_id: str) -> grpc.Status:
