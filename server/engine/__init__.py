@@ -2,3 +2,9 @@
 
 Nothing in this package knows about gRPC or protobuf; the servicer translates.
 """
+
+from .batcher import EngineStats
+from .engine import Engine
+from .handle import RequestHandle
+
+__all__ = ["Engine", "EngineStats", "RequestHandle"]

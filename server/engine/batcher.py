@@ -1,0 +1,311 @@
+"""The batcher: bounded FIFO queue, batch formation, the worker thread and result fan-out.
+
+Batch formation. The oldest queued request (the head) always goes into the next batch, so no
+request starves; younger requests join it in FIFO order while they share its ``BatchKey`` and
+fit ``max_batch_size`` (model rows), the padded-token budget ``max_batch_tokens`` (rows x
+(longest prompt + largest max_new_tokens)) and the context window. The head waits at most
+``max_wait_ms`` for companions. A head that alone exceeds the budget still runs, alone.
+
+What splits batches (``BatchKey``), and why - nothing else does:
+
+* the adapter type group: one ``PeftModel`` per PEFT type (peft cannot mix types in one);
+* an adapter that cannot be mixed (anything but plain LoRA): peft's ``adapter_names`` is
+  silently ignored by e.g. IA3, so such an adapter runs in batches of its own;
+* beam search: ``generate`` takes one ``num_beams``, ``num_return_sequences``,
+  ``length_penalty`` and ``early_stopping`` per call, and beam hypotheses end only at EOS or
+  the call's length limit, so beam requests batch only with the same beam configuration
+  and ``max_new_tokens``.
+
+Sampling parameters, seeds, ``num_return_sequences`` without beams, stop sequences, EOS,
+``max_new_tokens``, penalties, bad words and logprobs are all per row (see ``rows.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import EngineConfig
+from .errors import DeadlineExceededError, EngineUnavailableError, PeftServeError, QueueFullError
+from .handle import Job
+from .runner import Batch, BatchKey, ModelRunner
+from .types import FinishReason, GenerationResult, SequenceResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    queued: int
+    running: int
+    completed: int
+    # Requests per batch -> number of batches of that size.
+    batch_size_histogram: dict[int, int] = field(default_factory=dict)
+
+
+class Batcher:
+    """Owns the queue and the worker thread; everything shared is guarded by ``_cond``."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        key_for: Callable[[Job], BatchKey],
+        model_id: str,
+        context_length: int,
+    ) -> None:
+        self._config = config
+        self._runner = runner
+        self._key_for = key_for
+        self._model_id = model_id
+        self._context_length = context_length
+        self._cond = threading.Condition()
+        self._queue: list[Job] = []
+        self._keys: dict[int, BatchKey] = {}
+        self._running: set[Job] = set()
+        self._completed = 0
+        self._histogram: Counter[int] = Counter()
+        self._batch_seconds_ema = 0.5  # a prior; replaced by measurements
+        self._admitting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle (event-loop thread) ----
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._admitting = True
+            self._thread = threading.Thread(target=self._work, name="peftserve-engine", daemon=True)
+            self._thread.start()
+
+    def stop_admitting(self) -> None:
+        with self._cond:
+            self._admitting = False
+
+    def outstanding(self) -> int:
+        with self._cond:
+            return len(self._queue) + len(self._running)
+
+    def abort_all(self, reason: str) -> None:
+        """Fail queued requests with UNAVAILABLE; stop running rows at their next step."""
+        with self._cond:
+            queued, self._queue = self._queue, []
+            for job in self._running:
+                job.cancelled = True
+            self._cond.notify_all()
+        for job in queued:
+            self._fail(job, EngineUnavailableError(reason))
+
+    async def join(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._admitting = False
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+
+    # ---- admission and cancellation (event-loop thread) ----
+    def admit(self, job: Job) -> None:
+        key = self._key_for(job)
+        with self._cond:
+            if not self._admitting:
+                raise EngineUnavailableError(
+                    "the engine is not accepting requests (not started or draining)"
+                )
+            if len(self._queue) >= self._config.max_queue_size:
+                batches_ahead = len(self._queue) / max(1, self._config.max_batch_size) + 1
+                raise QueueFullError(
+                    len(self._queue), max(0.1, self._batch_seconds_ema * batches_ahead)
+                )
+            self._keys[id(job)] = key
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True
+        with self._cond:
+            queued = job in self._queue
+            if queued:
+                self._queue.remove(job)
+                job.done = True
+                self._completed += 1
+        if queued:
+            job.publish_outcome(self._result(job, FinishReason.CANCELLED))
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(
+                queued=len(self._queue),
+                running=len(self._running),
+                completed=self._completed,
+                batch_size_histogram=dict(self._histogram),
+            )
+
+    # ---- worker thread ----
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            started = time.monotonic()
+            try:
+                self._runner.run(batch, self._job_finished, self._expire_queued)
+            except Exception as e:  # a bug or a device error: fail the batch, keep serving
+                logger.exception("batch failed")
+                for job in batch.jobs:
+                    self._fail(
+                        job,
+                        PeftServeError(f"internal error while generating: {type(e).__name__}: {e}"),
+                    )
+            elapsed = time.monotonic() - started
+            with self._cond:
+                self._batch_seconds_ema = 0.8 * self._batch_seconds_ema + 0.2 * elapsed
+
+    def _next_batch(self) -> Batch | None:
+        max_wait_s = self._config.max_wait_ms / 1000.0
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                self._expire_queued_locked()
+                if not self._queue:
+                    self._cond.wait(timeout=self._nearest_deadline_wait())
+                    continue
+                head = self._queue[0]
+                jobs = self._compatible(head)
+                rows = sum(j.prepared.model_rows for j in jobs)
+                wait = head.enqueued_at + max_wait_s - time.monotonic()
+                if wait > 0 and rows < self._config.max_batch_size and self._admitting:
+                    deadline_wait = self._nearest_deadline_wait()
+                    self._cond.wait(
+                        timeout=wait if deadline_wait is None else min(wait, deadline_wait)
+                    )
+                    continue
+                now = time.monotonic()
+                key = self._keys[id(head)]
+                for job in jobs:
+                    self._queue.remove(job)
+                    self._keys.pop(id(job), None)
+                    job.started_at = now
+                    job.batch_size = len(jobs)
+                    self._running.add(job)
+                self._histogram[len(jobs)] += 1
+                return Batch(key, jobs)
+
+    def _compatible(self, head: Job) -> list[Job]:
+        """The head plus, in FIFO order, every queued request that fits its batch."""
+        cfg = self._config
+        key = self._keys[id(head)]
+        chosen = [head]
+        rows = head.prepared.model_rows
+        width = len(head.prepared.prompt_ids)
+        new = head.prepared.effective.max_new_tokens
+        for job in self._queue[1:]:
+            if self._keys[id(job)] != key:
+                continue
+            p = job.prepared
+            r = rows + p.model_rows
+            w = max(width, len(p.prompt_ids))
+            n = max(new, p.effective.max_new_tokens)
+            if (
+                r > cfg.max_batch_size
+                or r * (w + n) > cfg.max_batch_tokens
+                or w + n > self._context_length
+            ):
+                continue
+            chosen.append(job)
+            rows, width, new = r, w, n
+        return chosen
+
+    def _nearest_deadline_wait(self) -> float | None:
+        deadlines = [
+            j.prepared.request.deadline
+            for j in self._queue
+            if j.prepared.request.deadline is not None
+        ]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _expire_queued(self) -> None:
+        with self._cond:
+            self._expire_queued_locked()
+
+    def _expire_queued_locked(self) -> None:
+        expired = [j for j in self._queue if j.deadline_passed]
+        for job in expired:
+            self._queue.remove(job)
+            self._keys.pop(id(job), None)
+            job.done = True
+            self._completed += 1
+            job.publish_outcome(
+                DeadlineExceededError(
+                    f"request {job.request_id!r} passed its deadline while queued"
+                )
+            )
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        with self._cond:
+            if job.done:
+                return
+            job.done = True
+            self._running.discard(job)
+            self._keys.pop(id(job), None)
+            self._completed += 1
+        job.publish_outcome(error)
+
+    def _job_finished(self, job: Job) -> None:
+        with self._cond:
+            if job.done:
+                return
+            job.done = True
+            self._running.discard(job)
+            self._completed += 1
+        job.publish_outcome(self._result(job, FinishReason.CANCELLED))
+
+    # ---- results ----
+    def _result(self, job: Job, default_reason: FinishReason) -> GenerationResult:
+        """Build the final result; ``default_reason`` fills sequences that never ran."""
+        now = time.monotonic()
+        prepared = job.prepared
+        e = prepared.effective
+        sequences: list[SequenceResult]
+        if job.beam_sequences is not None:
+            sequences = job.beam_sequences
+        elif job.rows:
+            sequences = [
+                SequenceResult(
+                    index=row.index,
+                    text=row.stream.text,
+                    token_ids=tuple(row.tokens),
+                    finish_reason=row.finish_reason or default_reason,
+                    logprobs=tuple(row.logprobs),
+                )
+                for row in job.rows
+            ]
+        else:
+            sequences = [
+                SequenceResult(i, "", (), default_reason) for i in range(e.num_return_sequences)
+            ]
+        started = job.started_at if job.started_at is not None else now
+        adapter = prepared.adapter
+        return GenerationResult(
+            request_id=job.request_id,
+            sequences=tuple(sequences),
+            prompt_tokens=len(prepared.prompt_ids),
+            completion_tokens=sum(len(s.token_ids) for s in sequences),
+            adapter=adapter.name if adapter else "",
+            adapter_sha256=adapter.sha256 if adapter else "",
+            effective=e,
+            model_id=self._model_id,
+            queue_wait_ms=(started - job.enqueued_at) * 1000.0,
+            inference_ms=(now - started) * 1000.0 if job.started_at is not None else 0.0,
+            batch_size=job.batch_size,
+        )

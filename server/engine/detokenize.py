@@ -1,0 +1,107 @@
+"""Incremental detokenization with stop sequences: token ids in, safe text deltas out.
+
+Two rules make streamed text trustworthy:
+
+* A delta never ends inside a UTF-8 character. Byte-level tokenizers split "é" into two
+  tokens; decoding only the first gives U+FFFD. Like TGI and vLLM we decode a small window
+  ``ids[prefix_offset:]`` and compare it with ``ids[prefix_offset:read_offset]``: new text is
+  released only when the window no longer ends in U+FFFD (the character is complete).
+* Text at or after a stop sequence is never released. Released text is checked for a stop
+  sequence and any suffix that could still grow into one is held back, so a stop sequence
+  spanning several tokens is caught before any part of it leaves.
+
+The final text is by construction the concatenation of every delta.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Decoder(Protocol):
+    """The slice of a Hugging Face tokenizer this module needs."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def _held_back_length(text: str, stop_sequences: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop sequence."""
+    longest = 0
+    for stop in stop_sequences:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class TextStream:
+    """Turns one sequence's generated token ids into text deltas, honouring stop sequences."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        stop_sequences: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._decoder = decoder
+        self._stops = tuple(s for s in stop_sequences if s)
+        self._skip_special = skip_special_tokens
+        self._ids: list[int] = []
+        # Window offsets as in TGI's ``decode_token``: text before ``read_offset`` is decoded.
+        self._prefix_offset = 0
+        self._read_offset = 0
+        # Decoded text not yet released because it may be the start of a stop sequence.
+        self._pending = ""
+        self.text = ""  # everything released so far
+        self.stopped = False  # a stop sequence was found; nothing more is ever released
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._decoder.decode(ids, skip_special_tokens=self._skip_special)
+
+    def _decode_new(self, flush: bool) -> str:
+        """Text completed by the tokens since the last call (all of it when ``flush``)."""
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) > len(prefix_text) and (flush or not new_text.endswith(REPLACEMENT_CHAR)):
+            # Advance the window only past whole characters so the next decode has context.
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the text that may be released now (maybe "")."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        return self._release(self._decode_new(flush=False), final=False)
+
+    def finish(self) -> str:
+        """The sequence ended: release whatever is still held (incomplete bytes included)."""
+        if self.stopped:
+            return ""
+        return self._release(self._decode_new(flush=True), final=True)
+
+    def _release(self, new_text: str, final: bool) -> str:
+        self._pending += new_text
+        if not self._pending:
+            return ""
+        if self._stops:
+            cut = min(
+                (pos for pos in (self._pending.find(s) for s in self._stops) if pos >= 0),
+                default=-1,
+            )
+            if cut >= 0:
+                delta = self._pending[:cut]
+                self._pending = ""
+                self.stopped = True
+                self.text += delta
+                return delta
+        held = 0 if final else _held_back_length(self._pending, self._stops)
+        delta = self._pending[: len(self._pending) - held]
+        self._pending = self._pending[len(self._pending) - held :]
+        self.text += delta
+        return delta

@@ -1,0 +1,115 @@
+"""The caller's side of a request (``RequestHandle``) and the worker's side (``Job``).
+
+The worker thread never touches asyncio objects: it hands every event and the final outcome to
+the event loop with ``loop.call_soon_threadsafe``, which runs callbacks in FIFO order, so a
+stream's events always arrive before its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from .types import GenerationResult, SequenceResult, TokenEvent
+
+if TYPE_CHECKING:
+    from .rows import Row
+    from .validation import PreparedRequest
+
+
+class RequestHandle:
+    """What ``Engine.submit`` returns: await ``result()`` or iterate events, or ``cancel()``."""
+
+    def __init__(
+        self,
+        request_id: str,
+        stream: bool,
+        loop: asyncio.AbstractEventLoop,
+        on_cancel: Callable[[], None],
+    ) -> None:
+        self.request_id = request_id
+        self.stream = stream
+        self._on_cancel = on_cancel
+        self._future: asyncio.Future[GenerationResult] = loop.create_future()
+        self._events: asyncio.Queue[TokenEvent | None] | None = asyncio.Queue() if stream else None
+
+    # -- called on the loop thread only (directly or via call_soon_threadsafe) --
+    def _deliver(self, event: TokenEvent) -> None:
+        if self._events is not None:
+            self._events.put_nowait(event)
+
+    def _resolve(self, outcome: GenerationResult | BaseException) -> None:
+        if self._future.done():
+            return
+        if isinstance(outcome, BaseException):
+            self._future.set_exception(outcome)
+        else:
+            self._future.set_result(outcome)
+        if self._events is not None:
+            self._events.put_nowait(None)
+
+    # -- public API --
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        if self._events is None:
+            raise TypeError("events are only available for requests submitted with stream=True")
+        return self._iterate(self._events)
+
+    async def _iterate(self, events: asyncio.Queue[TokenEvent | None]) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await events.get()
+            if event is None:
+                break
+            yield event
+        error = self._future.exception()
+        if error is not None:
+            raise error
+
+    async def result(self) -> GenerationResult:
+        # shield: a caller's task being cancelled must not cancel the shared future.
+        return await asyncio.shield(self._future)
+
+    def cancel(self) -> None:
+        """Queued: removed from the queue. Running: its rows stop at the next step."""
+        self._on_cancel()
+
+
+class Job:
+    """A request in the engine: its prepared form, its handle and its progress."""
+
+    def __init__(
+        self, prepared: PreparedRequest, handle: RequestHandle, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.prepared = prepared
+        self.handle = handle
+        self.loop = loop
+        self.enqueued_at = time.monotonic()
+        self.started_at: float | None = None
+        self.batch_size = 1
+        # Written by the loop thread, read by the worker at each step (a bool is atomic).
+        self.cancelled = False
+        self.done = False
+        self.rows: list[Row] = []
+        # Beam requests get whole sequences at the end instead of growing rows.
+        self.beam_sequences: list[SequenceResult] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.prepared.request.request_id
+
+    @property
+    def deadline_passed(self) -> bool:
+        deadline = self.prepared.request.deadline
+        return deadline is not None and time.monotonic() >= deadline
+
+    def publish_event(self, event: TokenEvent) -> None:
+        if self.handle.stream:
+            self.loop.call_soon_threadsafe(self.handle._deliver, event)
+
+    def publish_outcome(self, outcome: GenerationResult | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.handle._resolve, outcome)

@@ -1,0 +1,342 @@
+"""Request validation: pure checks that turn a request into a ``PreparedRequest`` or raise.
+
+Every failure names the field path a client sees (``parameters.top_p``, ``options.top_logprobs``,
+``text``). Nothing is silently changed: a value the engine cannot honour is rejected, never
+clamped. Defined semantics worth knowing (also in ``docs/engine.md``):
+
+* ``do_sample`` unset means the model's generation-config default (greedy for the demo model).
+* Sampling parameters (temperature, top_p, top_k, min_p, typical_p) are rejected when the
+  request does not sample: ``temperature=0`` is *not* a synonym for greedy.
+* ``max_new_tokens`` and ``max_length`` are mutually exclusive; ``max_length`` counts prompt
+  tokens (as in transformers) and becomes ``max_length - prompt_tokens`` new tokens.
+  With neither, ``default_max_new_tokens`` applies, shortened to fit the context window.
+* ``top_logprobs > 0`` requires ``return_logprobs``; logprobs are not available with beams.
+* Beam sampling (``do_sample`` with ``num_beams > 1``) is not supported.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import GenerationConfig
+
+from .errors import (
+    AdapterNotFoundError,
+    ContextLengthExceededError,
+    FieldViolation,
+    InvalidRequestError,
+)
+from .types import AdapterInfo, EffectiveParams, EngineLimits, GenerationRequest
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    """What validation needs to know about the loaded model, without touching the model."""
+
+    limits: EngineLimits
+    context_length: int
+    vocab_size: int
+    # The model's own generation config: the defaults behind every ``None`` parameter.
+    defaults: GenerationConfig
+    encode: Callable[[str, bool], list[int]]  # (text, add_special_tokens) -> ids
+    find_adapter: Callable[[str], AdapterInfo | None]
+    adapter_names: Callable[[], list[str]]
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request with everything resolved that scheduling and running need."""
+
+    request: GenerationRequest
+    prompt_ids: tuple[int, ...]
+    adapter: AdapterInfo | None  # None = base model
+    effective: EffectiveParams
+    # Model defaults + request overrides: builds the row's logits processors.
+    generation_config: GenerationConfig
+
+    @property
+    def beams(self) -> bool:
+        return self.effective.num_beams > 1
+
+    @property
+    def model_rows(self) -> int:
+        """Rows this request occupies in the model's batch."""
+        e = self.effective
+        return e.num_beams if e.num_beams > 1 else e.num_return_sequences
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.model_rows * (len(self.prompt_ids) + self.effective.max_new_tokens)
+
+
+def _finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
+
+
+def check_parameters(
+    request: GenerationRequest, do_sample: bool, limits: EngineLimits
+) -> list[FieldViolation]:
+    """Range and consistency checks that need no tokenizer or model."""
+    p, o = request.parameters, request.options
+    out: list[FieldViolation] = []
+
+    def bad(name: str, description: str) -> None:
+        out.append(FieldViolation(name, description))
+
+    if p.max_new_tokens is not None:
+        if p.max_new_tokens < 1:
+            bad("parameters.max_new_tokens", "must be at least 1")
+        elif p.max_new_tokens > limits.max_new_tokens:
+            bad("parameters.max_new_tokens", f"must be at most {limits.max_new_tokens}")
+    if p.max_length is not None:
+        if p.max_new_tokens is not None:
+            bad("parameters.max_length", "set either max_new_tokens or max_length, not both")
+        elif p.max_length < 1:
+            bad("parameters.max_length", "must be at least 1")
+    if p.min_new_tokens is not None:
+        if p.min_new_tokens < 0:
+            bad("parameters.min_new_tokens", "must not be negative")
+        elif p.max_new_tokens is not None and p.min_new_tokens > p.max_new_tokens:
+            bad("parameters.min_new_tokens", "must not exceed max_new_tokens")
+    if p.temperature is not None:
+        if not _finite(p.temperature) or p.temperature < 0:
+            bad("parameters.temperature", "must be a finite number >= 0")
+        elif do_sample and p.temperature == 0:
+            bad(
+                "parameters.temperature",
+                "must be > 0 when sampling; for greedy set do_sample=false",
+            )
+    if p.top_p is not None and not (_finite(p.top_p) and 0 < p.top_p <= 1):
+        bad("parameters.top_p", "must be in (0, 1]")
+    if p.top_k is not None and p.top_k < 0:
+        bad("parameters.top_k", "must not be negative (0 disables top-k)")
+    if p.min_p is not None and not (_finite(p.min_p) and 0 <= p.min_p <= 1):
+        bad("parameters.min_p", "must be in [0, 1]")
+    if p.typical_p is not None and not (_finite(p.typical_p) and 0 < p.typical_p <= 1):
+        bad("parameters.typical_p", "must be in (0, 1]")
+    if not do_sample:
+        for name in SAMPLING_FIELDS:
+            if getattr(p, name) is not None:
+                bad(
+                    f"parameters.{name}",
+                    "only applies when sampling; set parameters.do_sample=true",
+                )
+    if p.repetition_penalty is not None and not (
+        _finite(p.repetition_penalty) and p.repetition_penalty > 0
+    ):
+        bad("parameters.repetition_penalty", "must be a finite number > 0")
+    if p.no_repeat_ngram_size is not None and p.no_repeat_ngram_size < 0:
+        bad("parameters.no_repeat_ngram_size", "must not be negative")
+    if p.length_penalty is not None and not _finite(p.length_penalty):
+        bad("parameters.length_penalty", "must be finite")
+    if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
+        bad("parameters.seed", f"must be in [0, {MAX_SEED}]")
+    num_beams = 1 if p.num_beams is None else p.num_beams
+    nrs = 1 if p.num_return_sequences is None else p.num_return_sequences
+    if num_beams < 1:
+        bad("parameters.num_beams", "must be at least 1")
+    if nrs < 1:
+        bad("parameters.num_return_sequences", "must be at least 1")
+    if num_beams >= 1 and nrs >= 1:
+        if num_beams > 1 and do_sample:
+            bad(
+                "parameters.do_sample",
+                "sampling with num_beams > 1 (beam sampling) is not supported",
+            )
+        if num_beams > 1 and nrs > num_beams:
+            bad("parameters.num_return_sequences", "must not exceed num_beams")
+        if num_beams == 1 and nrs > 1 and not do_sample:
+            bad(
+                "parameters.num_return_sequences",
+                "greedy decoding returns one sequence; sample or use beams",
+            )
+        if num_beams * nrs > limits.max_beams_times_sequences:
+            name = "parameters.num_beams" if num_beams > 1 else "parameters.num_return_sequences"
+            most = limits.max_beams_times_sequences
+            bad(name, f"num_beams * num_return_sequences must be at most {most}")
+    if len(p.stop_sequences) > limits.max_stop_sequences:
+        bad("parameters.stop_sequences", f"at most {limits.max_stop_sequences} stop sequences")
+    for i, stop in enumerate(p.stop_sequences):
+        if not stop:
+            bad(f"parameters.stop_sequences[{i}]", "must not be empty")
+        elif len(stop) > limits.max_stop_sequence_length:
+            bad(
+                f"parameters.stop_sequences[{i}]",
+                f"longer than {limits.max_stop_sequence_length} characters",
+            )
+    for i, word in enumerate(p.bad_words):
+        if not word:
+            bad(f"parameters.bad_words[{i}]", "must not be empty")
+    for i, (text, bias) in enumerate(p.sequence_bias):
+        if not text:
+            bad(f"parameters.sequence_bias[{i}].text", "must not be empty")
+        if not _finite(bias):
+            bad(f"parameters.sequence_bias[{i}].bias", "must be finite")
+    if not 0 <= o.top_logprobs <= limits.max_top_logprobs:
+        bad("options.top_logprobs", f"must be in [0, {limits.max_top_logprobs}]")
+    elif o.top_logprobs > 0 and not o.return_logprobs:
+        bad("options.top_logprobs", "requires options.return_logprobs=true")
+    if o.return_logprobs and num_beams > 1:
+        bad("options.return_logprobs", "not available with beam search (num_beams > 1)")
+    return out
+
+
+def _prompt_ids(request: GenerationRequest, ctx: ValidationContext) -> list[int]:
+    has_text, has_ids = request.text is not None, request.token_ids is not None
+    if has_text == has_ids:
+        raise InvalidRequestError([FieldViolation("text", "set exactly one of text and token_ids")])
+    if request.text is not None:
+        if not request.text:
+            raise InvalidRequestError.single("text", "must not be empty")
+        return ctx.encode(request.text, True)
+    ids = list(request.token_ids or ())
+    if not ids:
+        raise InvalidRequestError.single("token_ids", "must not be empty")
+    for i, tok in enumerate(ids):
+        if not 0 <= tok < ctx.vocab_size:
+            raise InvalidRequestError.single(
+                f"token_ids[{i}]", f"token id {tok} is outside the vocabulary [0, {ctx.vocab_size})"
+            )
+    return ids
+
+
+def _word_ids(ctx: ValidationContext, texts: Sequence[str], field: str) -> list[list[int]]:
+    out = []
+    for i, text in enumerate(texts):
+        ids = ctx.encode(text, False)
+        if not ids:
+            raise InvalidRequestError.single(f"{field}[{i}]", "tokenizes to nothing")
+        out.append(ids)
+    return out
+
+
+def prepare(request: GenerationRequest, ctx: ValidationContext) -> PreparedRequest:
+    """Validate ``request`` and resolve every default; raise a typed error naming the field."""
+    adapter: AdapterInfo | None = None
+    if request.adapter:
+        adapter = ctx.find_adapter(request.adapter)
+        if adapter is None:
+            raise AdapterNotFoundError(request.adapter, ctx.adapter_names())
+    p = request.parameters
+    defaults = ctx.defaults
+    do_sample = bool(defaults.do_sample) if p.do_sample is None else p.do_sample
+    violations = check_parameters(request, do_sample, ctx.limits)
+    if violations:
+        raise InvalidRequestError(violations)
+
+    prompt = _prompt_ids(request, ctx)
+    prompt_field = "text" if request.text is not None else "token_ids"
+    limits = ctx.limits
+    if len(prompt) > limits.max_prompt_tokens:
+        raise InvalidRequestError.single(
+            prompt_field,
+            f"{len(prompt)} prompt tokens exceed the limit of {limits.max_prompt_tokens}",
+        )
+    room = ctx.context_length - len(prompt)
+    if p.max_new_tokens is not None:
+        max_new, length_field = p.max_new_tokens, "parameters.max_new_tokens"
+    elif p.max_length is not None:
+        max_new, length_field = p.max_length - len(prompt), "parameters.max_length"
+        if max_new < 1:
+            raise InvalidRequestError.single(
+                length_field, f"must exceed the prompt's {len(prompt)} tokens (it counts them)"
+            )
+        if max_new > limits.max_new_tokens:
+            raise InvalidRequestError.single(
+                length_field, f"allows {max_new} new tokens; the limit is {limits.max_new_tokens}"
+            )
+    else:
+        # A default, not a caller's value: shortening it to fit changes nothing they asked for.
+        max_new, length_field = (
+            min(limits.default_max_new_tokens, room),
+            "parameters.max_new_tokens",
+        )
+        if max_new < 1:
+            raise ContextLengthExceededError(
+                [
+                    FieldViolation(
+                        prompt_field, f"the prompt fills the {ctx.context_length}-token context"
+                    )
+                ]
+            )
+    if max_new > room:
+        raise ContextLengthExceededError(
+            [
+                FieldViolation(
+                    length_field,
+                    f"{len(prompt)} prompt tokens + {max_new} new tokens exceed the model's "
+                    f"context length of {ctx.context_length}",
+                )
+            ]
+        )
+    if p.min_new_tokens is not None and p.min_new_tokens > max_new:
+        raise InvalidRequestError.single(
+            "parameters.min_new_tokens", f"must not exceed {max_new} new tokens"
+        )
+
+    overrides: dict[str, Any] = {
+        name: getattr(p, name)
+        for name in (
+            "min_new_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "typical_p",
+            "num_beams",
+            "num_return_sequences",
+            "length_penalty",
+            "early_stopping",
+            "repetition_penalty",
+            "no_repeat_ngram_size",
+        )
+        if getattr(p, name) is not None
+    }
+    overrides.update(do_sample=do_sample, max_new_tokens=max_new, max_length=len(prompt) + max_new)
+    config = copy.deepcopy(defaults)
+    config.update(**overrides)
+    if p.bad_words:
+        config.bad_words_ids = _word_ids(ctx, p.bad_words, "parameters.bad_words")
+    if p.sequence_bias:
+        ids = _word_ids(ctx, [t for t, _ in p.sequence_bias], "parameters.sequence_bias")
+        config.sequence_bias = [
+            [seq, float(b)] for seq, (_, b) in zip(ids, p.sequence_bias, strict=True)
+        ]
+    # Same precedence as GenerationMixin._prepare_generation_config: set > model > global.
+    config.update(**defaults._get_default_generation_params(), defaults_only=True)
+    seed = p.seed if p.seed is not None else secrets.randbits(63)
+    effective = EffectiveParams(
+        max_new_tokens=max_new,
+        min_new_tokens=int(config.min_new_tokens or 0),
+        do_sample=do_sample,
+        temperature=float(config.temperature),
+        top_p=float(config.top_p),
+        top_k=int(config.top_k or 0),
+        min_p=float(config.min_p or 0.0),
+        typical_p=float(config.typical_p),
+        num_beams=int(config.num_beams),
+        num_return_sequences=int(config.num_return_sequences),
+        length_penalty=float(config.length_penalty),
+        early_stopping=bool(config.early_stopping),
+        repetition_penalty=float(config.repetition_penalty),
+        no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
+        seed=seed,
+        stop_sequences=p.stop_sequences,
+        bad_words=p.bad_words,
+        sequence_bias=p.sequence_bias,
+    )
+    return PreparedRequest(
+        request=request,
+        prompt_ids=tuple(prompt),
+        adapter=adapter,
+        effective=effective,
+        generation_config=config,
+    )
