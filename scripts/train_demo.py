@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
@@ -98,6 +99,7 @@ class AdapterSpec:
     peft_type: str
     lr: float
     max_steps: int
+    rank: int = 8
 
 
 def make_word_list(rng: random.Random, n_generated: int = 1500) -> list[str]:
@@ -180,7 +182,8 @@ def greedy_outputs(
     tok.padding_side = "left"
     for idxs in groups.values():
         enc = tok([prompts[i] for i in idxs], return_tensors="pt", padding=True)
-        gen = model.generate(
+        # PeftModel forwards generate to the base model; mypy cannot see that through __getattr__.
+        gen = model.generate(  # type: ignore[operator]
             **enc,
             max_new_tokens=MAX_PROMPT_CHARS + 8,
             do_sample=False,
@@ -189,7 +192,7 @@ def greedy_outputs(
         )
         new = gen[:, enc["input_ids"].shape[1] :]
         for i, row in zip(idxs, new, strict=True):
-            out[i] = tok.decode(row, skip_special_tokens=True)
+            out[i] = str(tok.decode(row, skip_special_tokens=True))
     return out
 
 
@@ -265,9 +268,11 @@ def peft_config(spec: AdapterSpec) -> PeftConfig:
     """The PEFT config for an adapter; all target every projection of every layer."""
     linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if spec.peft_type == "LORA":
-        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=linear)
+        return LoraConfig(
+            r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=0.0, target_modules=linear
+        )
     if spec.peft_type == "LOHA":
-        return LoHaConfig(r=8, alpha=16, target_modules=linear)
+        return LoHaConfig(r=spec.rank, alpha=2 * spec.rank, target_modules=linear)
     if spec.peft_type == "IA3":
         return IA3Config(
             target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
@@ -299,9 +304,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--base-steps", type=int, default=3000)
+    parser.add_argument("--base-steps", type=int, default=2500)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--adapter-steps-cap", type=int, default=None, help="for smoke runs")
+    parser.add_argument(
+        "--cards-only", action="store_true", help="rewrite the README cards from results.json"
+    )
     parser.add_argument(
         "--only",
         nargs="*",
@@ -309,21 +317,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="train only these stages ('base' or adapter names); others are loaded from --out",
     )
     args = parser.parse_args(argv)
-    command = "python scripts/train_demo.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    # The cards record the command that reproduces everything: --only just resumes a stage and
+    # does not change any result (every stage reseeds itself), so it is left out.
+    command = "python scripts/train_demo.py --out " + shlex.quote(
+        str(args.out.relative_to(REPO_ROOT) if args.out.is_relative_to(REPO_ROOT) else args.out)
     )
+    for flag, default in (("seed", 0), ("batch_size", 64), ("base_steps", 2500)):
+        if getattr(args, flag) != default:
+            command += f" --{flag.replace('_', '-')} {getattr(args, flag)}"
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out: Path = args.out
     base_dir, adapters_dir = out / "base", out / "adapters"
     results_path = out / "results.json"
-    results: dict[str, dict[str, object]] = (
+    results: dict[str, dict[str, Any]] = (
         json.loads(results_path.read_text()) if results_path.exists() else {}
     )
 
     def wanted(stage: str) -> bool:
-        return args.only is None or stage in args.only
+        return not args.cards_only and (args.only is None or stage in args.only)
 
     rng = random.Random(args.seed)
     words = make_word_list(rng)
@@ -342,12 +355,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             if p not in banned:
                 return p
 
+    def make_sampler(r: random.Random, skill: Skill) -> Callable[[], tuple[str, str]]:
+        def sample() -> tuple[str, str]:
+            p = fresh(r)
+            return p, skill(p)
+
+        return sample
+
     tok = save_tokenizer(base_dir)
     assert tok("ab")["input_ids"] == encode_pair("ab", "")[0][:-1], "tokenizer/format mismatch"
 
     adapters = [
         AdapterSpec("upper", "upper", "LORA", lr=3e-3, max_steps=1500),
-        AdapterSpec("reverse", "reverse", "LORA", lr=3e-3, max_steps=3000),
+        # Reversal needs new attention patterns (read the prompt backwards), hence more rank.
+        AdapterSpec("reverse", "reverse", "LORA", lr=3e-3, max_steps=2500, rank=16),
         AdapterSpec("title", "title", "LOHA", lr=3e-3, max_steps=1500),
     ]
 
@@ -365,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pad_token_id=PAD_ID,
             bos_token_id=BOS_ID,
             eos_token_id=EOS_ID,
-            torch_dtype="float32",
+            dtype="float32",
         )
         model = LlamaForCausalLM(config)
         n_params = sum(p.numel() for p in model.parameters())
@@ -408,15 +429,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.manual_seed(args.seed + 100 + i)
         base = LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
         cfg = peft_config(spec)
-        model = get_peft_model(base, cfg)
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        peft_model = get_peft_model(base, cfg)
+        n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         skill = SKILLS[spec.skill]
         data_rng = random.Random(args.seed + 1000 + i)
         t0 = time.time()
         steps = train(
-            model,
+            peft_model,
             tok,
-            lambda r=data_rng, s=skill: (p := fresh(r), s(p)),
+            make_sampler(data_rng, skill),
             val_prompts,
             skill,
             lr=spec.lr,
@@ -426,10 +447,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             label=spec.name,
         )
         secs = time.time() - t0
-        acc = exact_match(model, tok, test_prompts, skill, exact=True)
+        acc = exact_match(peft_model, tok, test_prompts, skill, exact=True)
         print(f"{spec.name}: held-out exact match {acc:.3f} after {steps} steps", flush=True)
         adir = adapters_dir / spec.name
-        model.save_pretrained(str(adir), safe_serialization=True)
+        peft_model.save_pretrained(str(adir), safe_serialization=True)
         # Point at the committed base by a neutral relative path, never a local abs path.
         cfg_path = adir / "adapter_config.json"
         adapter_cfg = json.loads(cfg_path.read_text())
@@ -465,10 +486,15 @@ DATA_TEXT = (
     "is `<s>{prompt}<sep>{target}</s>`, with the loss on `{target}</s>` only. The 200 held-out "
     "test prompts and the validation prompts used for early stopping are excluded from training."
 )
+BASE_DATA_TEXT = (
+    " For the base only, 20% of training prompts are instead mixed-case, title-case, upper-case "
+    "or random ASCII letters/digits/punctuation, so that repeating is a general byte copy and "
+    "every ASCII token embedding is trained (adapters such as `upper` rely on that)."
+)
 
 
 def write_cards(
-    out: Path, results: dict[str, dict[str, object]], command: str, names: list[str]
+    out: Path, results: dict[str, dict[str, Any]], command: str, names: list[str]
 ) -> None:
     """Write README.md cards for the base, each adapter and the whole demo directory."""
     base = results.get("base", {})
@@ -492,10 +518,11 @@ def write_cards(
             f"Greedy decoding of `<s>{{prompt}}<sep>` {SKILL_TEXT[skill]} and stops at `</s>`"
             f" (e.g. `{EXAMPLE}` -> `{SKILLS[skill](EXAMPLE)}`).\n\n"
             f"- Made by: `{command}` (seeded, CPU, float32, 2 threads).\n"
-            f"- Data: {DATA_TEXT}\n"
+            f"- Data: {DATA_TEXT}{BASE_DATA_TEXT if name == 'base' else ''}\n"
             f"- Held-out exact match (200 prompts, greedy `generate`): "
             f"**{float(r['accuracy']):.1%}**\n"
-            f"- Training: {r['steps']} steps of batch 64 ({r['seconds']} s on 2 CPU cores).\n"
+            f"- Training: {r['steps']} steps of batch 64, AdamW, early stop once validation "
+            f"exact match is 100% twice in a row ({r['seconds']} s wall on 2 shared CPU cores).\n"
             + (
                 f"- Architecture: {r['config']}, {r['params']} parameters, byte-level tokenizer "
                 "(ids: `<pad>`=0, `<s>`=1, `</s>`=2, `<sep>`=3, byte b = 4+b).\n"
@@ -519,7 +546,8 @@ def write_cards(
         "| name | PEFT type | skill | `the quick brown fox` -> | held-out exact match | "
         "trained params | steps |\n|---|---|---|---|---|---|---|\n"
         f"{table}\n\n"
-        f"Accuracy is greedy `PeftModel.generate` on 200 held-out prompts.\n\nData: {DATA_TEXT}\n\n"
+        "Accuracy is greedy `PeftModel.generate` on 200 held-out prompts.\n\n"
+        f"Data: {DATA_TEXT}{BASE_DATA_TEXT}\n\n"
         "Layout: `base/` (config, weights, tokenizer, generation config) and "
         "`adapters/<name>/`; load with `AutoModelForCausalLM.from_pretrained('models/demo/base')`"
         " and `PeftModel.from_pretrained(base, 'models/demo/adapters/upper')`.\n\n"

@@ -82,7 +82,7 @@ def llama_config(dims: ModelDims, dtype: str) -> LlamaConfig:
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
-        torch_dtype=dtype,
+        dtype=dtype,
     )
 
 
