@@ -1,0 +1,75 @@
+"""Incremental detokenization: whole characters only, stop sequences never leak."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftserve.server.demo_tokenizer import EOS_ID, build_tokenizer
+from peftserve.server.engine.detokenize import TextStream
+
+TOKENIZER = build_tokenizer()
+
+
+def ids(text: str) -> list[int]:
+    return list(TOKENIZER(text, add_special_tokens=False)["input_ids"])
+
+
+def stream_all(
+    tokens: list[int], stops: tuple[str, ...] = (), skip: bool = True
+) -> tuple[list[str], TextStream]:
+    stream = TextStream(TOKENIZER, stops, skip)
+    deltas = [stream.push(t) for t in tokens]
+    deltas.append(stream.finish())
+    return deltas, stream
+
+
+@pytest.mark.parametrize("text", ["é日本🙂", "aé b日本c🙂d", "plain ascii", "🙂🙂é"])
+def test_multibyte_characters_are_never_split(text: str) -> None:
+    tokens = ids(text)
+    assert len(tokens) == len(text.encode())  # byte-level: é is two tokens
+    deltas, stream = stream_all(tokens)
+    assert "".join(deltas) == text == stream.text
+    assert all("\ufffd" not in d for d in deltas)
+    # Each delta is released as soon as its character is complete.
+    assert [d for d in deltas if d] == list(text)
+
+
+def test_incomplete_trailing_bytes_are_flushed_at_the_end() -> None:
+    tokens = ids("aé")[:-1]  # the second byte of é never comes
+    deltas, stream = stream_all(tokens)
+    assert deltas[0] == "a" and deltas[1] == ""
+    assert "".join(deltas) == stream.text == TOKENIZER.decode(tokens)
+
+
+def test_stop_sequence_spanning_tokens_is_never_emitted() -> None:
+    deltas, stream = stream_all(ids("hello wor" + "ld and more"), stops=("world",))
+    assert stream.stopped and stream.text == "hello "
+    assert "".join(deltas) == "hello "
+    assert not any("w" in d for d in deltas)
+
+
+def test_multibyte_stop_sequence() -> None:
+    deltas, stream = stream_all(ids("ab日本cd"), stops=("日本",))
+    assert stream.stopped and "".join(deltas) == "ab"
+
+
+def test_held_back_prefix_is_released_when_no_stop_follows() -> None:
+    tokens = ids("wow wonder")
+    stream = TextStream(TOKENIZER, ("wonderful",), True)
+    deltas = [stream.push(t) for t in tokens]
+    # "wonder" could still become "wonderful": held back until the end.
+    assert "".join(deltas) == "wow "
+    assert stream.finish() == "wonder"
+    assert stream.text == "wow wonder" and not stream.stopped
+
+
+def test_earliest_of_several_stop_sequences_wins() -> None:
+    deltas, stream = stream_all(ids("xx b-c a-b"), stops=("a-b", "b-c"))
+    assert stream.text == "xx " and "".join(deltas) == "xx "
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_special_tokens(skip: bool) -> None:
+    deltas, stream = stream_all([*ids("hi"), EOS_ID], skip=skip)
+    assert stream.text == ("hi" if skip else "hi</s>")
+    assert "".join(deltas) == stream.text
