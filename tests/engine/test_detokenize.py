@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from peftserve.server.demo_tokenizer import EOS_ID, build_tokenizer
 from peftserve.server.engine.detokenize import TextStream
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
-
 from peftserve.server.engine import Engine
 from peftserve.server.engine.types import (
     FinishReason,
@@ -105,9 +104,14 @@ def workload(engine: Engine) -> list[Case]:
         )
     for i, adapter in enumerate(["", lora_a, lora_b, other]):
         sampled = GenerationParams(
-            max_new_tokens=4 + i, do_sample=True, seed=100 + i, temperature=0.9, top_p=0.95, top_k=40,
+            max_new_tokens=4 + i,
+            do_sample=True,
+            seed=100 + i,
+            temperature=0.9,
+            top_p=0.95,
+            top_k=40,
             num_return_sequences=1 + i % 2,
-        )  # fmt: skip
+        )
         request = GenerationRequest(
             f"sample-{i}", text=_prompt(2 + 30 * i, i), adapter=adapter, parameters=sampled
         )

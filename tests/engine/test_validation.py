@@ -6,7 +6,6 @@ import math
 from dataclasses import replace
 
 import pytest
-
 from peftserve.server.engine import Engine
 from peftserve.server.engine.errors import (
     AdapterNotFoundError,
