@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from peftserve.server.engine import Engine
+from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.types import (
     FinishReason,
     GenerationParams,
@@ -23,7 +24,9 @@ from peftserve.server.engine.types import (
     TokenEvent,
 )
 
-from .conftest import Reference
+from .conftest import DEMO, Reference
+
+REPO_DEMO_BASE = DEMO / "base"
 
 
 @dataclass(frozen=True)
@@ -251,3 +254,32 @@ def test_non_mixable_adapter_rows_equal_solo(
     # The adapter really changes the output: otherwise this test could not fail.
     base = aio.run(_submit_all(engine, [replace(requests[0], adapter="", request_id="b")]))[0]
     assert base.sequences[0].token_ids != results[0].sequences[0].token_ids
+
+
+@pytest.mark.skipif(
+    not (REPO_DEMO_BASE / "model.safetensors").is_file(), reason="demo model not committed yet"
+)
+@pytest.mark.parametrize("text", ["the quick brown fox", "é日本🙂", "café 日本 🙂 fin"])
+def test_demo_repeat_model_streams_multibyte_text_exactly(aio: asyncio.Runner, text: str) -> None:
+    """The trained base repeats (lowercase English) prompts; streamed text is exact either way.
+
+    Multi-byte prompts are outside its training data, so only the streaming invariants are
+    asserted for them: deltas concatenate to the final text and never split a character.
+    """
+    demo = Engine(EngineConfig(model_path=REPO_DEMO_BASE, default_max_new_tokens=64))
+
+    async def body() -> tuple[list[TokenEvent], GenerationResult]:
+        await demo.start()
+        handle = demo.submit(GenerationRequest("repeat", text=text), stream=True)
+        events = [e async for e in handle]
+        result = await handle.result()
+        await demo.stop()
+        return events, result
+
+    events, result = aio.run(body())
+    seq = result.sequences[0]
+    if text.isascii():
+        assert seq.finish_reason is FinishReason.EOS
+        assert seq.text == text
+    assert "".join(e.text_delta for e in events).encode() == seq.text.encode()
+    assert not any(e.text_delta.endswith("\ufffd") for e in events[:-1])
