@@ -8,6 +8,7 @@ new requests get UNAVAILABLE, and in-flight ones get ``shutdown_grace_s`` to fin
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Any
 
@@ -16,7 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from peftserve.v1 import generation_pb2, generation_pb2_grpc
 
-from .config import ServerConfig
+from .auth import BearerTokenInterceptor, load_tokens
+from .config import ServerConfig, validate_security
 from .engine.engine import Engine
 from .engine.errors import EngineUnavailableError
 from .interceptor import ErrorMappingInterceptor
@@ -36,10 +38,12 @@ class PeftServeServer:
         self._state = "loading"  # loading -> serving -> draining -> stopped | failed
         self._load_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        problems = validate_security(config)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(f"/{SERVICE_NAME}/")],
-            options=_channel_options(config),
+            interceptors=_interceptors(config), options=_channel_options(config)
         )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.engine), self.grpc_server
@@ -48,7 +52,11 @@ class PeftServeServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
         )
-        self.port = self.grpc_server.add_insecure_port(config.address)
+        credentials = _server_credentials(config)
+        if credentials is None:
+            self.port = self.grpc_server.add_insecure_port(config.address)
+        else:
+            self.port = self.grpc_server.add_secure_port(config.address, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {config.address}")
 
@@ -130,16 +138,69 @@ class PeftServeServer:
         await self.health.set(SERVICE_NAME, status)
 
 
+def _interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
+    """Auth first (when tokens are configured), so a rejected call reaches nothing else."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)
+    if tokens:
+        interceptors.append(
+            BearerTokenInterceptor(tokens, (health.SERVICE_NAME, reflection.SERVICE_NAME))
+        )
+        if config.tls_cert_file is None and not _is_loopback(config.address):
+            logger.warning("bearer tokens are enabled without TLS: they cross the network in clear")
+    interceptors.append(ErrorMappingInterceptor(f"/{SERVICE_NAME}/"))
+    return interceptors
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS) credentials, or None for plaintext; files were validated."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    client_ca = config.tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca is not None else None,
+        require_client_auth=config.tls_require_client_auth,
+    )
+
+
+# Streams a connection may open beyond what the engine admits (see _channel_options).
+_STREAM_HEADROOM = 16
+
+
 def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """HTTP/2 and keepalive settings; SECURITY.md explains each choice."""
+    engine = config.engine
     return [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
-        # Let clients keep idle connections alive with pings, but not abusively often.
+        # One connection cannot usefully hold more calls than the engine admits (running +
+        # queued); the headroom is for health watches and reflection on the same connection.
+        (
+            "grpc.max_concurrent_streams",
+            engine.max_batch_size + engine.max_queue_size + _STREAM_HEADROOM,
+        ),
+        # The server pings idle peers to find dead connections and free their streams.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_concurrent_streams", 1024),
+        # Ping abuse policy: clients may ping at most every 10 s without data; a third
+        # too-early ping (strikes counted from 0) ends the connection with GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        # Linux SO_REUSEPORT would let another local process bind our port and take a share
+        # of the connections (and the tokens sent on them).
+        ("grpc.so_reuseport", 0),
     ]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .auth import AUTH_TOKENS_ENV, parse_token_list, read_tokens_file, token_problem
 from .engine.config import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,17 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
     log_format: str = "text"  # "text" | "json"
+    # TLS (PEM files). No certificate = plaintext: fine on loopback, see SECURITY.md otherwise.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # CA that client certificates must chain to; only used with tls_require_client_auth, as
+    # gRPC does not even ask for a client certificate without it.
+    tls_client_ca_file: Path | None = None
+    tls_require_client_auth: bool = False
+    # Bearer tokens: the file's (one per line) plus ``auth_tokens`` (PEFTSERVE_AUTH_TOKENS,
+    # deliberately no flag). None configured = no token auth.
+    auth_tokens_file: Path | None = None
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,23 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("server", "shutdown_grace_s", "seconds in-flight requests get to finish on SIGTERM"),
     _Option("server", "log_level", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     _Option("server", "log_format", "log line format", choices=("text", "json")),
+    _Option("server", "tls_cert_file", "PEM certificate chain of the server; enables TLS"),
+    _Option("server", "tls_key_file", "PEM private key of --tls-cert-file"),
+    _Option(
+        "server",
+        "tls_client_ca_file",
+        "PEM CA bundle that client certificates must chain to (mutual TLS)",
+    ),
+    _Option(
+        "server",
+        "tls_require_client_auth",
+        "require a client certificate signed by --tls-client-ca-file (true/false)",
+    ),
+    _Option(
+        "server",
+        "auth_tokens_file",
+        f"file of accepted bearer tokens, one per line (also: {AUTH_TOKENS_ENV}, comma-separated)",
+    ),
 )
 
 
@@ -101,10 +130,24 @@ def _default_of(f: dataclasses.Field[Any]) -> Any:
     return None
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _parse_bool(raw: str) -> bool:
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"expected true/false/1/0/yes/no, got {raw!r}") from None
+
+
+def _base_type(annotation: str) -> str:
+    return annotation.replace(" | None", "").strip()
+
+
 def _parser_for(annotation: str) -> Any:
     """Turn a field's (string) annotation into a value parser for argparse."""
-    base = annotation.replace(" | None", "").strip()
-    return {"int": int, "float": float, "str": str, "Path": Path}[base]
+    parsers = {"int": int, "float": float, "str": str, "Path": Path, "bool": _parse_bool}
+    return parsers[_base_type(annotation)]
 
 
 def _parse_value(option: _Option, raw: str, annotation: str) -> Any:
@@ -136,6 +179,10 @@ def build_arg_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentP
         env_name = ENV_PREFIX + option.name.upper()
         if env_name in env:
             default = _parse_value(option, env[env_name], annotation)
+        # A bare boolean flag (``--tls-require-client-auth``) means true.
+        bool_kwargs: dict[str, Any] = (
+            {"nargs": "?", "const": True} if _base_type(annotation) == "bool" else {}
+        )
         parser.add_argument(
             f"--{option.name.replace('_', '-')}",
             dest=option.name,
@@ -144,6 +191,7 @@ def build_arg_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentP
             choices=option.choices,
             metavar=option.name.upper() if option.choices is None else None,
             help=f"{option.help} [env {env_name}; default: {default}]",
+            **bool_kwargs,
         )
     return parser
 
@@ -152,12 +200,17 @@ def config_from_args(
     argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 ) -> ServerConfig:
     """Parse flags (and the environment) into a validated ``ServerConfig``."""
+    env = os.environ if env is None else env
     parser = build_arg_parser(env)
     namespace = parser.parse_args(argv)
     values = vars(namespace)
     engine_kwargs = {o.name: values[o.name] for o in _OPTIONS if o.owner == "engine"}
     server_kwargs = {o.name: values[o.name] for o in _OPTIONS if o.owner == "server"}
-    config = ServerConfig(engine=EngineConfig(**engine_kwargs), **server_kwargs)
+    config = ServerConfig(
+        engine=EngineConfig(**engine_kwargs),
+        auth_tokens=parse_token_list(env.get(AUTH_TOKENS_ENV, "")),
+        **server_kwargs,
+    )
     problems = validate_config(config)
     if problems:
         parser.error("; ".join(problems))
@@ -181,4 +234,50 @@ def validate_config(config: ServerConfig) -> list[str]:
         problems.append("--max-wait-ms must be >= 0")
     if config.shutdown_grace_s < 0:
         problems.append("--shutdown-grace-s must be >= 0")
+    problems.extend(validate_security(config))
+    return problems
+
+
+def validate_security(config: ServerConfig) -> list[str]:
+    """TLS and token settings that cannot work; the server refuses to start on any of them.
+
+    Separate from ``validate_config`` because ``create_server`` runs it too: a half-configured
+    TLS or auth setting must never quietly fall back to plaintext or to no auth.
+    """
+    problems: list[str] = []
+    files = {
+        "--tls-cert-file": config.tls_cert_file,
+        "--tls-key-file": config.tls_key_file,
+        "--tls-client-ca-file": config.tls_client_ca_file,
+        "--auth-tokens-file": config.auth_tokens_file,
+    }
+    for flag, path in files.items():
+        if path is not None and not path.is_file():
+            problems.append(f"{flag} {path} is not a readable file")
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        problems.append("--tls-cert-file and --tls-key-file must be set together")
+    if config.tls_cert_file is None and (
+        config.tls_client_ca_file is not None or config.tls_require_client_auth
+    ):
+        problems.append("client certificate settings need --tls-cert-file and --tls-key-file")
+    if config.tls_require_client_auth and config.tls_client_ca_file is None:
+        problems.append("--tls-require-client-auth needs --tls-client-ca-file")
+    if config.tls_client_ca_file is not None and not config.tls_require_client_auth:
+        problems.append(
+            "--tls-client-ca-file has no effect without --tls-require-client-auth "
+            "(gRPC would not ask for client certificates)"
+        )
+    tokens = list(config.auth_tokens)
+    if config.auth_tokens_file is not None and config.auth_tokens_file.is_file():
+        try:
+            from_file = read_tokens_file(config.auth_tokens_file)
+        except (OSError, UnicodeError) as err:
+            problems.append(f"--auth-tokens-file {config.auth_tokens_file}: {err}")
+        else:
+            if not from_file:
+                # An empty file must not silently mean "auth off".
+                problems.append(f"--auth-tokens-file {config.auth_tokens_file} holds no tokens")
+            tokens.extend(from_file)
+    token_problems = {p for p in map(token_problem, tokens) if p is not None}
+    problems.extend(f"auth tokens: {p}" for p in sorted(token_problems))
     return problems

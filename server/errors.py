@@ -116,6 +116,27 @@ class _WithTrailers(grpc.Status):  # type: ignore[misc]
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
+def reason_status(
+    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str] | None = None
+) -> grpc.Status:
+    """A status whose only detail is ``ErrorInfo``: for errors raised outside the engine.
+
+    The auth interceptor uses it, so its rejections read exactly like every other error.
+    """
+    status = status_pb2.Status(
+        code=code.value[0],
+        message=message,
+        details=[
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {}
+                )
+            )
+        ],
+    )
+    return rpc_status.to_status(status)
+
+
 def internal_status(request_id: str) -> grpc.Status:
     """INTERNAL without any detail of the failure: those go to the log, keyed by request id."""
     message = "internal error"
