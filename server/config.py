@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,13 @@ def _parse_value(option: _Option, raw: str, annotation: str) -> Any:
         raise argparse.ArgumentTypeError(f"--{option.name.replace('_', '-')}: {err}") from err
 
 
+def _value_parser(option: _Option, annotation: str) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        return _parse_value(option, raw, annotation)
+
+    return parse
+
+
 def build_arg_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The ``peftserve serve`` argument parser; defaults come from ``env`` then dataclasses."""
     env = os.environ if env is None else env
@@ -186,7 +193,7 @@ def build_arg_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentP
         parser.add_argument(
             f"--{option.name.replace('_', '-')}",
             dest=option.name,
-            type=lambda raw, o=option, a=annotation: _parse_value(o, raw, a),
+            type=_value_parser(option, annotation),
             default=default,
             choices=option.choices,
             metavar=option.name.upper() if option.choices is None else None,

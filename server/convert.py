@@ -7,7 +7,9 @@ validation so that direct engine users get them too, with the same field paths.
 from __future__ import annotations
 
 import math
+import struct
 import uuid
+from typing import Any
 
 from peftserve.v1 import generation_pb2 as pb
 
@@ -27,7 +29,7 @@ from .engine.types import (
     TokenLogprob,
 )
 
-_FINISH_REASONS: dict[FinishReason, int] = {
+_FINISH_REASONS: dict[FinishReason, pb.FinishReason.ValueType] = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
@@ -37,7 +39,7 @@ _FINISH_REASONS: dict[FinishReason, int] = {
 }
 
 # proto3 `optional` scalar fields of GenerationParameters, copied only when present.
-_OPTIONAL_PARAMS = (
+_OPTIONAL_PARAMS: tuple[Any, ...] = (
     "max_new_tokens",
     "max_length",
     "min_new_tokens",
@@ -117,8 +119,6 @@ def _float32_to_python(value: float) -> float:
 
 
 def _as_float32(value: float) -> float:
-    import struct
-
     return float(struct.unpack("f", struct.pack("f", value))[0])
 
 

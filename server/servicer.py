@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import grpc
 from peftserve.v1 import generation_pb2 as pb
@@ -98,10 +99,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return convert.adapters_response(self._engine().adapters())
 
 
-async def _until_done(handle: RequestHandle, waiter: object) -> GenerationResult:
+async def _until_done(
+    handle: RequestHandle, waiter: Coroutine[Any, Any, GenerationResult]
+) -> GenerationResult:
     """Await the result; if the caller cancels meanwhile, cancel the engine request too."""
     try:
-        return await waiter  # type: ignore[misc, no-any-return]
+        return await waiter
     except asyncio.CancelledError:
         handle.cancel()
         raise
