@@ -37,7 +37,7 @@ def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
         (pb.GenerationParameters(max_new_tokens=10**6), "parameters.max_new_tokens"),
         (
             pb.GenerationParameters(num_beams=8, num_return_sequences=8),
-            "parameters.num_return_sequences",
+            "parameters.num_beams",
         ),
         (pb.GenerationParameters(num_return_sequences=2), "parameters.num_return_sequences"),
         (pb.GenerationParameters(stop_sequences=["x" * 10_000]), "parameters.stop_sequences"),
@@ -98,7 +98,7 @@ def test_deadline_too_short_is_deadline_exceeded(stub: Any) -> None:
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def long_request(max_new_tokens: int = 200) -> pb.GenerateRequest:
+def long_request(max_new_tokens: int = 480) -> pb.GenerateRequest:
     # min_new_tokens keeps the row busy even after the demo model would emit EOS.
     return pb.GenerateRequest(
         text=PROMPT,
@@ -117,36 +117,50 @@ def tight_server() -> Any:
     server.stop()
 
 
+def wait_for_stats(server: ServerThread, *, queued: int, running: int) -> None:
+    """Poll the engine until it holds exactly this many queued and running requests."""
+    engine = server.server.engine()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = server.run_in_loop(engine.stats)
+        if stats.queued == queued and stats.running == running:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"engine never reached queued={queued} running={running}: {stats}")
+
+
 def test_queue_full_is_resource_exhausted_with_retry_info(tight_server: ServerThread) -> None:
     with grpc.insecure_channel(tight_server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        running = stub.Generate.future(long_request(), timeout=60)
-        time.sleep(0.5)  # let the first request start running
-        queued = stub.Generate.future(long_request(), timeout=60)
-        time.sleep(0.2)
+        running = stub.Generate.future(long_request(), timeout=120)
+        wait_for_stats(tight_server, queued=0, running=1)
+        queued = stub.Generate.future(long_request(), timeout=120)
+        wait_for_stats(tight_server, queued=1, running=1)
+        started = time.perf_counter()
         details = details_of(rpc_error(stub.Generate, long_request(), timeout=30))
+        rejection_ms = (time.perf_counter() - started) * 1000
         assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details.reason == "QUEUE_FULL"
         assert details.retry_delay_s is not None and details.retry_delay_s > 0
+        assert rejection_ms < 5000  # rejected up front, not after waiting for a slot
         assert running.result().sequences[0].finish_reason == pb.FINISH_REASON_LENGTH
         assert queued.result().sequences[0].finish_reason == pb.FINISH_REASON_LENGTH
 
 
 def test_deadline_passing_while_queued_never_runs(tight_server: ServerThread) -> None:
     engine = tight_server.server.engine()
-    completed_before = tight_server.run_in_loop(lambda: engine.stats().completed)
+    batches_before = sum(tight_server.run_in_loop(engine.stats).batch_size_histogram.values())
     with grpc.insecure_channel(tight_server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        running = stub.Generate.future(long_request(), timeout=60)
-        time.sleep(0.3)
-        error = rpc_error(stub.Generate, long_request(5), timeout=0.5)
+        running = stub.Generate.future(long_request(), timeout=120)
+        wait_for_stats(tight_server, queued=0, running=1)
+        error = rpc_error(stub.Generate, long_request(5), timeout=0.3)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         running.result()
-    time.sleep(0.2)
+    wait_for_stats(tight_server, queued=0, running=0)
     stats = tight_server.run_in_loop(engine.stats)
-    # Only the long request ran to completion; the expired one never reached the model.
-    assert stats.completed == completed_before + 1
-    assert stats.queued == 0 and stats.running == 0
+    # One batch of one ran (the long request); the expired one never reached the model.
+    assert sum(stats.batch_size_histogram.values()) == batches_before + 1
 
 
 def test_cancel_mid_stream_frees_the_row(tight_server: ServerThread) -> None:

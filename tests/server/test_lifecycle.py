@@ -149,21 +149,31 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones() -> None:
                 stub.Generate.future(
                     pb.GenerateRequest(
                         text=f"word {i}",
-                        parameters=pb.GenerationParameters(max_new_tokens=150, min_new_tokens=150),
+                        parameters=pb.GenerationParameters(max_new_tokens=450, min_new_tokens=450),
                     ),
                     timeout=60,
                 )
                 for i in range(3)
             ]
-            time.sleep(0.5)
+            probe = stub.StreamGenerate(
+                pb.GenerateRequest(
+                    text="probe",
+                    parameters=pb.GenerationParameters(max_new_tokens=450, min_new_tokens=450),
+                ),
+                timeout=60,
+            )
+            # Wait until all three are being served, then ask the server to stop.
+            assert next(probe).WhichOneof("event") == "delta"
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            time.sleep(0.5)
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Generate(pb.GenerateRequest(text="late"), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             for future in in_flight:
                 response = future.result()
-                assert response.usage.completion_tokens == 150
+                assert response.usage.completion_tokens == 450
+            probe_rest = list(probe)
+            assert probe_rest[-1].summary.usage.completion_tokens == 450
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
