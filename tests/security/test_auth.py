@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from peftserve.client import PeftServeClient, PeftServeClientError
+from peftserve.client import AsyncPeftServeClient, PeftServeClient, PeftServeClientError
 from peftserve.client.channel import TLSOptions
 from peftserve.server.config import config_from_args
 from peftserve.v1 import generation_pb2 as pb
@@ -188,6 +189,21 @@ def test_token_from_file_over_tls(file_auth_tls_server: ServerThread, pki: Pki) 
             with pytest.raises(PeftServeClientError) as e:
                 client.model_info()
             assert e.value.code == code
+
+
+def test_async_client_sends_its_token_over_tls(
+    file_auth_tls_server: ServerThread, pki: Pki
+) -> None:
+    file_auth_tls_server.wait_ready()
+
+    async def model_id() -> str:
+        tls = TLSOptions.from_files(pki.ca_cert)
+        async with AsyncPeftServeClient(
+            file_auth_tls_server.address, tls=tls, token=FILE_TOKEN
+        ) as client:
+            return (await client.model_info()).model_id
+
+    assert asyncio.run(model_id()) == "base"
 
 
 def test_tls_health_probe_needs_no_token(file_auth_tls_server: ServerThread, pki: Pki) -> None:
