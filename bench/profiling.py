@@ -1,0 +1,167 @@
+"""Where a server's time goes: sample it with py-spy, then fold the stacks into a summary.
+
+py-spy samples every thread of the running server process from outside (no code change, no
+restart), so the engine's worker thread and the gRPC event loop are both visible. The summary
+attributes each sample to the innermost frame's library (self time) and lists the functions
+with the most inclusive time.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CATEGORIES", "PySpyRecorder", "categorize", "summarize_collapsed"]
+
+FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+# First match wins: the path fragment of a frame's file -> the part of the stack it belongs to.
+CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("server/engine/", "peftserve engine (batcher, rows, detokenizer)"),
+    ("peftserve/server/engine/", "peftserve engine (batcher, rows, detokenizer)"),
+    ("server/", "peftserve servicer/convert"),
+    ("peftserve/server/", "peftserve servicer/convert"),
+    ("transformers/generation/", "transformers generate loop"),
+    ("transformers/models/", "model forward (python)"),
+    ("transformers/", "transformers other"),
+    ("peft/", "peft layers"),
+    ("torch/nn/", "model forward (python)"),
+    ("torch/", "torch (ops and dispatch)"),
+    ("grpc/", "gRPC"),
+    ("google/protobuf", "protobuf"),
+    ("asyncio/", "asyncio event loop"),
+    ("threading.py", "threads and locks"),
+    ("queue.py", "threads and locks"),
+    ("tokenizers/", "tokenizer"),
+)
+
+
+def categorize(file: str) -> str:
+    for fragment, category in CATEGORIES:
+        if fragment in file:
+            return category
+    return "other python"
+
+
+def _parse_frame(frame: str) -> tuple[str, str]:
+    match = FRAME.match(frame.strip())
+    if match is None:
+        return frame.strip(), ""
+    return match.group("func"), match.group("file")
+
+
+def _short_path(file: str) -> str:
+    """The path from the package root on (``transformers/cache_utils.py``), for reading."""
+    for marker in ("site-packages/", "/server/", "/lib/python3"):
+        if marker in file:
+            tail = file.split(marker, 1)[1]
+            return ("server/" + tail) if marker == "/server/" else tail
+    return file
+
+
+def summarize_collapsed(path: Path, top: int = 15) -> dict[str, Any]:
+    """Fold py-spy's ``--format raw`` stacks: self time by category, top inclusive functions."""
+    total = 0
+    by_category: Counter[str] = Counter()
+    self_time: Counter[str] = Counter()
+    self_files: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_parse_frame(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        leaf_func, leaf_file = frames[-1]
+        by_category[categorize(leaf_file)] += count
+        self_time[f"{leaf_func} ({Path(leaf_file).name})"] += count
+        self_files[_short_path(leaf_file)] += count
+        # A recursive function counts once per sample, or inclusive time could exceed 100%.
+        for name in {f"{func} ({Path(file).name})" for func, file in frames}:
+            inclusive[name] += count
+
+    def share(counter: Counter[str], n: int) -> list[dict[str, Any]]:
+        return [
+            {"name": name, "samples": c, "percent": round(100.0 * c / total, 1)}
+            for name, c in counter.most_common(n)
+        ]
+
+    return {
+        "samples": total,
+        "self_by_category": share(by_category, len(by_category)) if total else [],
+        "top_self": share(self_time, top) if total else [],
+        "top_self_files": share(self_files, top) if total else [],
+        "top_inclusive": share(inclusive, top) if total else [],
+    }
+
+
+@dataclass
+class PySpyRecorder:
+    """``py-spy record`` attached to ``pid`` until ``stop()``; writes collapsed stacks."""
+
+    pid: int
+    out_path: Path
+    rate_hz: int = 100
+    _process: subprocess.Popen[bytes] | None = None
+    error: str = ""
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("py-spy") is not None
+
+    def start(self) -> bool:
+        executable = shutil.which("py-spy")
+        if executable is None:
+            self.error = "py-spy is not installed"
+            return False
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(
+            [
+                executable,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--rate",
+                str(self.rate_hz),
+                "--format",
+                "raw",
+                # Sampling without pausing the server keeps the profiled run's timing honest.
+                "--nonblocking",
+                "--output",
+                str(self.out_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(1.0)
+        if self._process.poll() is not None:
+            stderr = self._process.stderr.read().decode() if self._process.stderr else ""
+            self.error = f"py-spy exited at once: {stderr.strip()[-300:]}"
+            return False
+        return True
+
+    def stop(self) -> Path | None:
+        if self._process is None:
+            return None
+        if self._process.poll() is None:
+            # SIGINT makes py-spy stop sampling and write what it has.
+            self._process.send_signal(signal.SIGINT)
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(5)
+        if not self.out_path.exists():
+            stderr = self._process.stderr.read().decode() if self._process.stderr else ""
+            self.error = self.error or f"py-spy wrote no profile: {stderr.strip()[-300:]}"
+            return None
+        return self.out_path

@@ -1,0 +1,238 @@
+"""Write a benchmark's results: ``results.json``, ``results.md`` and PNG plots.
+
+The JSON is the record (every cell's metrics, the ratios against their targets, what was
+skipped and why, the profile summary, the machine); the markdown and plots are views of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PLOT_FILES", "markdown_report", "write_plots", "write_report"]
+
+PLOT_FILES: tuple[str, ...] = (
+    "throughput_vs_concurrency.png",
+    "latency_cdf.png",
+    "batch_size_histogram.png",
+)
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _stat(metrics: dict[str, Any], key: str, stat: str) -> Any:
+    dist = metrics.get(key)
+    return dist.get(stat) if dist else None
+
+
+def _cell_row(cell: dict[str, Any]) -> str:
+    m = cell["metrics"]
+    columns = [
+        cell["id"],
+        cell["label"],
+        cell["mode"],
+        "stream" if cell["stream"] else "unary",
+        cell["adapter_mix"],
+        str(cell["concurrency"]),
+        f"{m['ok']}/{m['requests']}",
+        _fmt(m["request_throughput_rps"], 2),
+        _fmt(m["output_tokens_per_s"]),
+        f"{_fmt(_stat(m, 'ttft_ms', 'p50'))} / {_fmt(_stat(m, 'ttft_ms', 'p99'))}",
+        _fmt(_stat(m, "tpot_ms", "p50"), 2),
+        f"{_fmt(_stat(m, 'itl_ms', 'p50'), 2)} / {_fmt(_stat(m, 'itl_ms', 'p99'), 2)}",
+        " / ".join(_fmt(_stat(m, "e2e_ms", s)) for s in ("p50", "p90", "p99")),
+        _fmt(_stat(m, "queue_wait_ms", "p50")),
+        _fmt(m["mean_batch_size"]),
+        _fmt(m["goodput_rps"], 2),
+        f"{_fmt(m.get('server_cores_busy'), 2)} / {_fmt(m.get('client_cores_busy'), 2)}",
+    ]
+    return "| " + " | ".join(columns) + " |"
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """The human-readable summary of ``results``."""
+    meta = results["meta"]
+    lines = [
+        "# peftserve benchmark results",
+        "",
+        f"Run {meta['started_at']} ({meta['mode_name']} mode, {meta['elapsed_s']:.0f} s). "
+        f"Model `{meta['model_path']}`, adapters {', '.join(meta['adapters']) or 'none'}; "
+        f"every request generates exactly N tokens (min_new_tokens = max_new_tokens), "
+        f"N uniform in [{meta['min_output_tokens']}, {meta['max_output_tokens']}], greedy; "
+        f"{meta['torch_threads']} torch thread(s) per model process.",
+        "",
+        f"Machine: {meta['environment'].get('cpu_model', '?')}, "
+        f"{meta['environment'].get('nproc', '?')} cores, "
+        f"{meta['environment'].get('memory_gib', '?')} GiB; "
+        + ", ".join(f"{k} {v}" for k, v in meta["environment"].get("versions", {}).items()),
+        "",
+        "## Ratios against the targets",
+        "",
+        "| ratio | measured | target | met | numerator / denominator (output tokens/s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for ratio in results["ratios"]:
+        value = ratio["value"]
+        met = "–" if value is None else ("yes" if ratio["met"] else "**no**")
+        lines.append(
+            f"| {ratio['name']}: {ratio['description']} | {_fmt(value, 2)} "
+            f"| {ratio['op']} {ratio['target']} | {met} "
+            f"| {_fmt(ratio.get('numerator'))} / {_fmt(ratio.get('denominator'))} |"
+        )
+    lines += [
+        "",
+        "## Cells",
+        "",
+        "Latencies in ms; TTFT, TPOT and ITL exist for streamed requests only. Goodput counts "
+        f"requests with end-to-end <= {meta['objective']['e2e_ms']:.0f} ms and (streams) "
+        f"TTFT <= {meta['objective']['ttft_ms']:.0f} ms. Cores busy: CPU seconds used during "
+        "the cell / its wall time, for the server process and the load generator (which also "
+        "runs the in-process baseline).",
+        "",
+        "| cell | system | load | rpc | adapters | clients | ok | req/s | out tok/s "
+        "| TTFT p50 / p99 | TPOT p50 | ITL p50 / p99 | e2e p50 / p90 / p99 | queue p50 "
+        "| mean batch | goodput req/s | cores busy server / client |",
+        "| " + " | ".join(["---"] * 17) + " |",
+    ]
+    lines += [_cell_row(cell) for cell in results["cells"]]
+    histograms = [c for c in results["cells"] if c["metrics"]["batch_size_histogram"]]
+    if histograms:
+        lines += ["", "## Batch sizes (requests per batch size, from the server's request log)", ""]
+        for cell in histograms:
+            hist = cell["metrics"]["batch_size_histogram"]
+            lines.append(f"- `{cell['id']}`: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
+    if results.get("skipped"):
+        lines += ["", "## Skipped", ""]
+        lines += [f"- ({s['baseline']}) {s['reason']}" for s in results["skipped"]]
+    profile = results.get("profile")
+    if profile:
+        lines += ["", "## Profile of the batched server", ""]
+        if profile.get("error"):
+            lines.append(f"Profiling failed: {profile['error']}")
+        else:
+            summary = profile["summary"]
+            lines.append(
+                f"py-spy, {summary['samples']} samples over cell `{profile['cell']}` "
+                "(self time by where the innermost frame lives):"
+            )
+            lines.append("")
+            lines += [
+                f"- {entry['name']}: {entry['percent']}%" for entry in summary["self_by_category"]
+            ]
+            lines += ["", "Files with the most self time:", ""]
+            lines += [
+                f"- {entry['percent']}% `{entry['name']}`"
+                for entry in summary.get("top_self_files", [])
+            ]
+            lines += ["", "Top inclusive functions:", ""]
+            lines += [
+                f"- {entry['percent']}% `{entry['name']}`" for entry in summary["top_inclusive"]
+            ]
+    if results.get("plots"):
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name}]({name})" for name in results["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
+    """Throughput vs concurrency, latency CDFs and batch-size histograms, as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on a server or in CI
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    cells: Sequence[dict[str, Any]] = results["cells"]
+    written: list[str] = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for cell in cells:
+        if cell.get("series"):
+            series.setdefault(cell["series"], []).append(
+                (cell["concurrency"], cell["metrics"]["output_tokens_per_s"])
+            )
+    for name, points in series.items():
+        # Open-loop cells have no client count (0) and no place on a log axis.
+        points = sorted(p for p in points if p[0] > 0)
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    for cell in cells:
+        if cell["baseline"] == "a":
+            ax.axhline(
+                cell["metrics"]["output_tokens_per_s"],
+                linestyle="--",
+                color="gray",
+                label=cell["label"],
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Throughput vs concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / PLOT_FILES[0], dpi=110)
+    plt.close(fig)
+    written.append(PLOT_FILES[0])
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cell in cells:
+        values = sorted(cell.get("e2e_ms_values") or [])
+        if not values:
+            continue
+        fractions = [(i + 1) / len(values) for i in range(len(values))]
+        ax.step(values, fractions, where="post", label=f"{cell['id']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("End-to-end latency CDF per cell")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / PLOT_FILES[1], dpi=110)
+    plt.close(fig)
+    written.append(PLOT_FILES[1])
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Only the cells at the top concurrency: that is where batch formation matters, and more
+    # lines than that would be unreadable.
+    top = max((c["concurrency"] for c in cells), default=0)
+    shown = [c for c in cells if c["metrics"]["batch_size_histogram"] and c["concurrency"] == top]
+    for cell in shown:
+        hist = {int(k): v for k, v in cell["metrics"]["batch_size_histogram"].items()}
+        total = sum(hist.values())
+        sizes = sorted(hist)
+        ax.plot(sizes, [hist[k] / total for k in sizes], marker="o", label=cell["id"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("size of the batch a request ran in (server request log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"Batch sizes at {top} clients")
+    ax.grid(True, alpha=0.3)
+    if shown:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / PLOT_FILES[2], dpi=110)
+    plt.close(fig)
+    written.append(PLOT_FILES[2])
+    return written
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write plots, ``results.json`` and ``results.md`` into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["plots"] = write_plots(results, out_dir)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md_path = out_dir / "results.md"
+    md_path.write_text(markdown_report(results))
+    return {"json": json_path, "markdown": md_path, **{p: out_dir / p for p in results["plots"]}}

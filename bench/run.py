@@ -1,0 +1,646 @@
+"""``python -m bench.run`` (``make bench``): run the baselines, compute the ratios, write a report.
+
+Baselines, all on the same seeded workload (prompts, adapters, exact output lengths, greedy):
+
+* (a) ``PeftModel.generate`` in this process, one request at a time;
+* (b) peftserve with ``--max-batch-size 1``;
+* (c) peftserve batched (``--max-batch-size`` = the largest concurrency), unary and streaming;
+* (d) ``transformers serve --continuous-batching`` on the base model, over HTTP;
+* (e) peftserve batched with a mix of adapters vs a single adapter at the same concurrency.
+
+Every server is a subprocess on 127.0.0.1, started and stopped here; only one system runs at a
+time, so none steals CPU from another. ``--quick`` is the smoke run ``make test`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .cells import Cell, CpuMeter, cell_record, measure_cell, warmup_specs, workload_for
+from .loadgen import LOAD_MODES, LoadConfig, PeftServeTarget, TransformersServeTarget
+from .machine import environment
+from .metrics import LatencyObjective
+from .profiling import PySpyRecorder, summarize_collapsed
+from .report import write_report
+from .servers import (
+    ServerProcess,
+    child_env,
+    free_port,
+    peftserve_command,
+    transformers_serve_command,
+)
+from .workload import ADAPTER_MIXES, WorkloadConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO_ROOT / "models" / "demo" / "base"
+DEMO_ADAPTERS = REPO_ROOT / "models" / "demo" / "adapters"
+BASELINES: tuple[str, ...] = ("a", "b", "c", "d", "e")
+
+# The targets of issue 6, as (ratio name, description, minimum).
+TARGETS: dict[str, tuple[str, float]] = {
+    "c/b": ("batched vs max_batch_size=1 at the top concurrency", 8.0),
+    "b/a": ("max_batch_size=1 server vs in-process generate at concurrency 1", 0.85),
+    "stream/unary": ("batched streaming vs batched unary at the top concurrency", 0.9),
+    "c/d": ("batched peftserve vs transformers serve (CB), base model, top concurrency", 2.0),
+    "e": ("mixed adapters vs a single adapter, batched, top concurrency", 0.8),
+}
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of positive integers")
+    return values
+
+
+def _token_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError("expected LOW:HIGH, e.g. 16:48") from err
+    if bounds[0] < 1 or bounds[1] < bounds[0]:
+        raise argparse.ArgumentTypeError("expected 1 <= LOW <= HIGH")
+    return bounds
+
+
+def _baseline_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(values) - set(BASELINES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baselines {unknown}; choose from {BASELINES}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Benchmark peftserve against its baselines on 127.0.0.1 and write a report.",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 1 min, skips (d))")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
+    parser.add_argument(
+        "--concurrency", type=_int_list, default=None, help="clients, e.g. 1,4,16,64"
+    )
+    parser.add_argument("--requests", type=int, default=None, help="requests per cell")
+    parser.add_argument("--duration-s", type=float, default=None, help="time cap per cell")
+    parser.add_argument("--mode", choices=LOAD_MODES, default="closed")
+    parser.add_argument("--rate", type=float, default=20.0, help="open-loop arrivals per second")
+    parser.add_argument("--adapters", choices=ADAPTER_MIXES, default="uniform", help="adapter mix")
+    parser.add_argument("--stream", action="store_true", help="stream in the main sweep")
+    parser.add_argument("--baselines", type=_baseline_list, default=None, help="e.g. a,b,c,d,e")
+    parser.add_argument("--output-tokens", type=_token_range, default=None, help="LOW:HIGH")
+    parser.add_argument("--torch-threads", type=int, default=1, help="per model process")
+    parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    parser.add_argument("--slo-e2e-ms", type=float, default=10000.0)
+    parser.add_argument("--model-path", type=Path, default=DEMO_MODEL)
+    parser.add_argument("--adapters-dir", type=Path, default=DEMO_ADAPTERS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="py-spy the batched server at the top concurrency (default: on, off in --quick)",
+    )
+    gpu = parser.add_argument_group("GPU mode")
+    gpu.add_argument("--gpu", action="store_true", help="random-weights model on CUDA, roofline")
+    gpu.add_argument("--gpu-preset", default="1b", help="server/synthetic.py preset")
+    gpu.add_argument("--gpu-adapters", type=int, default=4, help="random LoRA adapters")
+    gpu.add_argument(
+        "--gpu-bandwidth-gbs",
+        type=float,
+        default=3350.0,
+        help="memory bandwidth for the roofline, GB/s (default: H100 SXM HBM3)",
+    )
+    gpu.add_argument("--gpu-concurrency", type=_int_list, default=[1, 8, 32, 64, 128])
+    return parser
+
+
+@dataclass
+class Settings:
+    """The resolved run settings: CLI values with the quick/full defaults filled in."""
+
+    args: argparse.Namespace
+    concurrency: list[int]
+    requests: int
+    duration_s: float
+    baselines: list[str]
+    output_tokens: tuple[int, int]
+    profile: bool
+    objective: LatencyObjective
+    workload: WorkloadConfig
+    adapters: list[str] = field(default_factory=list)
+    mixable: list[str] = field(default_factory=list)
+
+    @property
+    def top(self) -> int:
+        return 0 if self.args.mode == "open" else max(self.concurrency)
+
+    @property
+    def points(self) -> list[int]:
+        # Open loop has no client count: one cell per system at --rate, recorded as 0 clients.
+        return [0] if self.args.mode == "open" else sorted(set(self.concurrency))
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    quick = args.quick
+    concurrency = args.concurrency or ([1, 4] if quick else [1, 4, 16, 64])
+    output_tokens = args.output_tokens or ((4, 8) if quick else (16, 48))
+    baselines = args.baselines or (["a", "b", "c", "e"] if quick else list(BASELINES))
+    workload = WorkloadConfig(
+        num_requests=0,
+        adapter_mix=args.adapters,
+        min_output_tokens=output_tokens[0],
+        max_output_tokens=output_tokens[1],
+        seed=args.seed,
+    )
+    return Settings(
+        args=args,
+        concurrency=concurrency,
+        requests=args.requests or (8 if quick else 256),
+        duration_s=args.duration_s or (10.0 if quick else 60.0),
+        baselines=baselines,
+        output_tokens=output_tokens,
+        profile=(not quick) if args.profile is None else args.profile,
+        objective=LatencyObjective(ttft_ms=args.slo_ttft_ms, e2e_ms=args.slo_e2e_ms),
+        workload=workload,
+    )
+
+
+def discover_adapters(adapters_dir: Path | None) -> tuple[list[str], list[str]]:
+    """Adapter names (mixable ones first, so "single" picks a plain LoRA) and the mixable ones.
+
+    Mirrors the engine's rule (plain LoRA mixes in one batch; anything else runs in batches of
+    its own); the server's own ``ListAdapters`` answer is recorded in the report to confirm it.
+    """
+    if adapters_dir is None or not adapters_dir.is_dir():
+        return [], []
+    mixable: list[str] = []
+    other: list[str] = []
+    for path in sorted(adapters_dir.iterdir()):
+        config_path = path / "adapter_config.json"
+        if not config_path.is_file():
+            continue
+        config = json.loads(config_path.read_text())
+        plain_lora = config.get("peft_type") == "LORA" and not config.get("use_dora")
+        (mixable if plain_lora else other).append(path.name)
+    return mixable + other, mixable
+
+
+class Runner:
+    """Runs the planned cells system by system and collects their records."""
+
+    def __init__(self, settings: Settings, out_dir: Path) -> None:
+        self.s = settings
+        self.out_dir = out_dir
+        self.cells: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
+        self.profile: dict[str, Any] | None = None
+        self.server_adapters: list[dict[str, Any]] = []
+
+    # -- helpers --
+    def _load(self, cell: Cell) -> LoadConfig:
+        return LoadConfig(
+            mode=cell.mode,
+            concurrency=max(1, cell.concurrency),
+            rate_rps=self.s.args.rate,
+            duration_s=self.s.duration_s,
+            stream=cell.stream,
+            seed=self.s.args.seed,
+        )
+
+    def _count(self, cell: Cell) -> int:
+        # At least six rounds of every client: a closed loop needs a few to reach its steady
+        # state, and the first and last rounds (ramp-up, drain) should not dominate the window.
+        return max(self.s.requests, 6 * cell.concurrency)
+
+    def _measure(self, cell: Cell, server: ServerProcess, make_target: Any) -> dict[str, Any]:
+        specs = workload_for(
+            self.s.workload, cell, self._count(cell), self.s.adapters, self.s.mixable
+        )
+        warm = warmup_specs(self.s.workload, cell, self.s.adapters, self.s.mixable)
+        cpu = CpuMeter(server.pid)
+        result = measure_cell(
+            cell, make_target, specs, self._load(cell), warm, server.log_lines, cpu
+        )
+        record = cell_record(cell, result, self.s.objective, cpu)
+        self.cells.append(record)
+        m = record["metrics"]
+        print(
+            f"  {cell.id}: {m['ok']}/{m['requests']} ok, {m['output_tokens_per_s']:.1f} tok/s, "
+            f"{m['request_throughput_rps']:.2f} req/s, mean batch {m['mean_batch_size']}, "
+            f"cores busy: server {m['server_cores_busy']}, client {m['client_cores_busy']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return record
+
+    def _cell(
+        self,
+        baseline: str,
+        system: str,
+        label: str,
+        concurrency: int,
+        stream: bool,
+        mix: str,
+        max_batch_size: int | None,
+        series: str | None,
+    ) -> Cell:
+        rpc = "stream" if stream else "unary"
+        point = f"r{self.s.args.rate:g}" if self.s.args.mode == "open" else f"c{concurrency}"
+        return Cell(
+            id=f"{system}-{rpc}-{mix}-{point}",
+            baseline=baseline,
+            system=system,
+            label=label,
+            concurrency=concurrency,
+            mode=self.s.args.mode,
+            stream=stream,
+            adapter_mix=mix,
+            max_batch_size=max_batch_size,
+            series=series,
+        )
+
+    def _peftserve(self, name: str, max_batch_size: int) -> ServerProcess:
+        args = self.s.args
+        adapters_dir = args.adapters_dir if args.adapters_dir.is_dir() else None
+        return ServerProcess(
+            name,
+            peftserve_command(args.model_path, adapters_dir, max_batch_size),
+            child_env(args.torch_threads),
+            self.out_dir / "logs" / f"{name}.log",
+        )
+
+    # -- systems --
+    def run_batched(self) -> None:
+        """(c), the stream/unary pair, (e), the base-model cell for (d), and the profile."""
+        s, mix = self.s, self.s.args.adapters
+        wanted = set(s.baselines)
+        max_batch = max(s.concurrency)
+        label = f"(c) peftserve max_batch_size={max_batch}"
+        server = self._peftserve("peftserve-batched", max_batch)
+        print(f"starting {server.name} ...", file=sys.stderr, flush=True)
+        with server:
+            address = server.start()
+            self._record_server_adapters(address)
+
+            def target() -> PeftServeTarget:
+                return PeftServeTarget(address)
+
+            for stream in (s.args.stream, not s.args.stream):
+                rpc = "stream" if stream else "unary"
+                for point in s.points:
+                    cell = self._cell(
+                        "c",
+                        "peftserve",
+                        f"{label}, {rpc}",
+                        point,
+                        stream,
+                        mix,
+                        max_batch,
+                        f"(c) peftserve batched, {rpc}",
+                    )
+                    self._measure(cell, server, target)
+            extra_mixes: list[str] = []
+            if "e" in wanted:
+                extra_mixes += ["single"] + (
+                    ["uniform"] if mix not in ("uniform", "skewed") else []
+                )
+                extra_mixes += ["mixable"] if mix != "mixable" else []
+            if "d" in wanted:
+                extra_mixes.append("base")
+            for extra in dict.fromkeys(m for m in extra_mixes if m != mix):
+                cell = self._cell(
+                    "e" if extra != "base" else "c",
+                    "peftserve",
+                    f"{label}, unary, adapters={extra}",
+                    s.top,
+                    False,
+                    extra,
+                    max_batch,
+                    None,
+                )
+                self._measure(cell, server, target)
+            if s.profile:
+                self._profile(server, target, label, max_batch)
+
+    def _record_server_adapters(self, address: str) -> None:
+        import asyncio
+
+        from peftserve.client import AsyncPeftServeClient
+
+        async def ask() -> list[dict[str, Any]]:
+            async with AsyncPeftServeClient(address, timeout_s=30) as client:
+                return [
+                    {"name": a.name, "peft_type": a.peft_type, "mixed_batching": a.mixed_batching}
+                    for a in await client.list_adapters()
+                ]
+
+        self.server_adapters = asyncio.run(ask())
+
+    def _profile(self, server: ServerProcess, target: Any, label: str, max_batch: int) -> None:
+        cell = self._cell(
+            "c",
+            "peftserve-profiled",
+            f"{label}, unary, under py-spy",
+            self.s.top,
+            False,
+            self.s.args.adapters,
+            max_batch,
+            None,
+        )
+        raw = self.out_dir / "profile" / "peftserve-batched.pyspy.txt"
+        recorder = PySpyRecorder(server.pid, raw)
+        if not recorder.start():
+            self.profile = {"cell": cell.id, "error": recorder.error}
+            return
+        try:
+            self._measure(cell, server, target)
+        finally:
+            path = recorder.stop()
+        if path is None:
+            self.profile = {"cell": cell.id, "error": recorder.error}
+        else:
+            self.profile = {"cell": cell.id, "raw": str(path), "summary": summarize_collapsed(path)}
+
+    def run_unbatched(self) -> None:
+        """(b): the same server with max_batch_size=1, at concurrency 1 and the top."""
+        s = self.s
+        server = self._peftserve("peftserve-b1", 1)
+        print(f"starting {server.name} ...", file=sys.stderr, flush=True)
+        with server:
+            address = server.start()
+
+            def target() -> PeftServeTarget:
+                return PeftServeTarget(address)
+
+            points = sorted({min(s.points), max(s.points)})
+            for point in points:
+                cell = self._cell(
+                    "b",
+                    "peftserve-b1",
+                    "(b) peftserve max_batch_size=1, unary",
+                    point,
+                    False,
+                    s.args.adapters,
+                    1,
+                    "(b) peftserve max_batch_size=1, unary",
+                )
+                self._measure(cell, server, target)
+
+    def run_inprocess(self) -> None:
+        """(a): PeftModel.generate in this process, serially."""
+        from .inprocess import InProcessGenerator, run_inprocess
+
+        s = self.s
+        cell = Cell(
+            id=f"inprocess-unary-{s.args.adapters}-c1",
+            baseline="a",
+            system="inprocess",
+            label="(a) in-process PeftModel.generate, serial",
+            concurrency=1,
+            mode="closed",
+            stream=False,
+            adapter_mix=s.args.adapters,
+        )
+        specs = workload_for(s.workload, cell, s.requests, s.adapters, s.mixable)
+        used = sorted({spec.adapter for spec in specs} - {""})
+        print("loading the in-process baseline ...", file=sys.stderr, flush=True)
+        generator = InProcessGenerator(
+            s.args.model_path, s.args.adapters_dir, used, s.args.torch_threads
+        )
+        warm = warmup_specs(s.workload, cell, s.adapters, s.mixable)
+        run_inprocess(generator, [w for w in warm if w.adapter in generator.models], 60.0)
+        cpu = CpuMeter()
+        cpu.start()
+        result = run_inprocess(generator, specs, s.duration_s)
+        cpu.stop()
+        record = cell_record(cell, result, s.objective, cpu)
+        self.cells.append(record)
+        print(
+            f"  {cell.id}: {record['metrics']['output_tokens_per_s']:.1f} tok/s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def run_transformers_serve(self) -> None:
+        """(d): transformers serve with continuous batching, base model, over HTTP."""
+        from transformers.utils.import_utils import is_serve_available
+
+        s = self.s
+        if not is_serve_available():
+            self.skipped.append(
+                {
+                    "baseline": "d",
+                    "reason": "transformers[serving] extra's "
+                    "dependencies are not installed (pip install fastapi uvicorn "
+                    "openai starlette)",
+                }
+            )
+            return
+        port = free_port()
+        server = ServerProcess(
+            "transformers-serve",
+            transformers_serve_command(s.args.model_path, port),
+            child_env(s.args.torch_threads),
+            self.out_dir / "logs" / "transformers-serve.log",
+            ready_url=f"http://127.0.0.1:{port}/health",
+        )
+        print(f"starting {server.name} ...", file=sys.stderr, flush=True)
+        special = _special_token_ids(s.args.model_path)
+        with server:
+            try:
+                server.start()
+            except (RuntimeError, TimeoutError) as error:
+                self.skipped.append({"baseline": "d", "reason": f"could not start: {error}"})
+                return
+            for point in sorted({min(s.points), max(s.points)}):
+                cell = self._cell(
+                    "d",
+                    "transformers-serve",
+                    "(d) transformers serve --continuous-batching, base, unary",
+                    point,
+                    False,
+                    "base",
+                    None,
+                    "(d) transformers serve (CB), base model, unary",
+                )
+
+                def target(point: int = point) -> TransformersServeTarget:
+                    return TransformersServeTarget(
+                        f"http://127.0.0.1:{port}",
+                        str(s.args.model_path),
+                        special,
+                        max_connections=max(1, point) + 8,
+                    )
+
+                record = self._measure(cell, server, target)
+                if record["metrics"]["ok"] == 0:
+                    self.skipped.append(
+                        {
+                            "baseline": "d",
+                            "reason": f"every request failed ({record['metrics']['errors']}); "
+                            f"server log tail: {server.log_tail(5)}",
+                        }
+                    )
+                    return
+
+
+def _special_token_ids(model_path: Path) -> dict[str, int]:
+    """bos/eos/pad ids from the model's generation (or model) config."""
+    ids: dict[str, int] = {}
+    for name in ("generation_config.json", "config.json"):
+        path = model_path / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if isinstance(config.get(key), int):
+                    ids.setdefault(key, config[key])
+    return ids
+
+
+def _find(cells: Sequence[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for cell in cells:
+        if all(cell.get(k) == v for k, v in match.items()):
+            return cell
+    return None
+
+
+def compute_ratios(cells: Sequence[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+    """The five target ratios (output tokens/s over output tokens/s), None when a side is
+    missing, plus the informational mixable-only variant of (e)."""
+    top, mix, lo = settings.top, settings.args.adapters, min(settings.points)
+    c_main = {"system": "peftserve", "concurrency": top, "adapter_mix": mix}
+    mixed = mix if mix in ("uniform", "skewed", "mixable") else "uniform"
+    pairs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+        "c/b": ({**c_main, "stream": False}, {"system": "peftserve-b1", "concurrency": top}),
+        "b/a": ({"system": "peftserve-b1", "concurrency": lo}, {"baseline": "a"}),
+        "stream/unary": ({**c_main, "stream": True}, {**c_main, "stream": False}),
+        "c/d": (
+            {"system": "peftserve", "concurrency": top, "adapter_mix": "base"},
+            {"system": "transformers-serve", "concurrency": top},
+        ),
+        "e": (
+            {"system": "peftserve", "concurrency": top, "adapter_mix": mixed, "stream": False},
+            {"system": "peftserve", "concurrency": top, "adapter_mix": "single"},
+        ),
+    }
+    ratios = []
+    for name, (num_match, den_match) in pairs.items():
+        description, target = TARGETS[name]
+        ratios.append(_ratio(name, description, target, cells, num_match, den_match))
+    info = _ratio(
+        "e (mixable only)",
+        "plain-LoRA adapters only (all share batches) vs a single adapter",
+        TARGETS["e"][1],
+        cells,
+        {"system": "peftserve", "concurrency": top, "adapter_mix": "mixable", "stream": False},
+        {"system": "peftserve", "concurrency": top, "adapter_mix": "single"},
+    )
+    ratios.append(info)
+    return ratios
+
+
+def _ratio(
+    name: str,
+    description: str,
+    target: float,
+    cells: Sequence[dict[str, Any]],
+    num_match: dict[str, Any],
+    den_match: dict[str, Any],
+) -> dict[str, Any]:
+    num, den = _find(cells, **num_match), _find(cells, **den_match)
+    value = None
+    if num and den and den["metrics"]["output_tokens_per_s"] > 0:
+        value = num["metrics"]["output_tokens_per_s"] / den["metrics"]["output_tokens_per_s"]
+    return {
+        "name": name,
+        "description": description,
+        "value": value,
+        "target": target,
+        "op": ">=",
+        "met": value is not None and value >= target,
+        "numerator_cell": num["id"] if num else None,
+        "denominator_cell": den["id"] if den else None,
+        "numerator": num["metrics"]["output_tokens_per_s"] if num else None,
+        "denominator": den["metrics"]["output_tokens_per_s"] if den else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.gpu:
+        from .gpu import run_gpu
+
+        return run_gpu(args)
+    settings = resolve(args)
+    if not args.model_path.is_dir() or not (args.model_path / "config.json").is_file():
+        print(f"no model at {args.model_path} (config.json missing)", file=sys.stderr)
+        return 2
+    settings.adapters, settings.mixable = discover_adapters(args.adapters_dir)
+    if settings.workload.adapter_mix != "base" and not settings.adapters:
+        # No adapters to mix: say so in every cell id instead of pretending to mix.
+        args.adapters = "base"
+        settings.workload = replace(settings.workload, adapter_mix="base")
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    runner = Runner(settings, out_dir)
+    wanted = set(settings.baselines)
+    # Servers first, the in-process baseline after: each system runs alone on the machine.
+    if wanted & {"c", "e"} or "d" in wanted:
+        runner.run_batched()
+    if "b" in wanted:
+        runner.run_unbatched()
+    if "a" in wanted:
+        runner.run_inprocess()
+    if "d" in wanted:
+        runner.run_transformers_serve()
+    for baseline in BASELINES:
+        if baseline not in wanted:
+            reason = "quick mode" if args.quick else "not selected with --baselines"
+            runner.skipped.append({"baseline": baseline, "reason": reason})
+    results: dict[str, Any] = {
+        "meta": {
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "elapsed_s": time.time() - started,
+            "mode_name": "quick" if args.quick else "full",
+            "argv": list(sys.argv[1:] if argv is None else argv),
+            "load_mode": args.mode,
+            "rate_rps": args.rate if args.mode == "open" else None,
+            "concurrency": settings.concurrency,
+            "requests_per_cell": settings.requests,
+            "duration_cap_s": settings.duration_s,
+            "model_path": str(args.model_path),
+            "adapters": settings.adapters,
+            "mixable_adapters": settings.mixable,
+            "server_adapters": runner.server_adapters,
+            "adapter_mix": settings.workload.adapter_mix,
+            "min_output_tokens": settings.output_tokens[0],
+            "max_output_tokens": settings.output_tokens[1],
+            "torch_threads": args.torch_threads,
+            "objective": {"ttft_ms": args.slo_ttft_ms, "e2e_ms": args.slo_e2e_ms},
+            "environment": environment(),
+        },
+        "cells": runner.cells,
+        "ratios": compute_ratios(runner.cells, settings),
+        "skipped": runner.skipped,
+        "profile": runner.profile,
+    }
+    paths = write_report(results, out_dir)
+    print(f"wrote {paths['markdown']} and {paths['json']}", file=sys.stderr)
+    for ratio in results["ratios"]:
+        value = "n/a" if ratio["value"] is None else f"{ratio['value']:.2f}"
+        print(f"  {ratio['name']}: {value} (target >= {ratio['target']})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
