@@ -110,7 +110,7 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
 
 
 @dataclass(frozen=True)
-class _WithTrailers(grpc.Status):  # type: ignore[misc]
+class _WithTrailers(grpc.Status):
     code: grpc.StatusCode
     details: str
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
