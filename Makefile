@@ -39,6 +39,7 @@ lint: $(STAMP) $(NPM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	cd protos && npx --no-install buf lint
+	cd protos && npx --no-install buf breaking --against releases/peftserve-v1.0.0.binpb
 
 # mypy cannot follow setuptools' package-dir remapping of an editable install, so it checks a
 # link tree that mirrors the installed package layout.
