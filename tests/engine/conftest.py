@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +91,15 @@ def build_random_model(out: Path) -> ModelFiles:
     return ModelFiles(base_dir, adapters, demo=False)
 
 
-@pytest.fixture(scope="session")
-def model_files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
-    if _demo_present() and not os.environ.get("PEFTSERVE_TEST_RANDOM_MODEL"):
+@pytest.fixture(scope="session", params=["demo", "random"])
+def model_files(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> ModelFiles:
+    """Every engine test runs on both models: the trained demo model (real text, LoRA + LoHa)
+    and a random one that adds an IA3 adapter and a pickle-only adapter to refuse."""
+    if request.param == "demo":
+        if not _demo_present():
+            pytest.skip("models/demo is not present")
         return ModelFiles(DEMO / "base", DEMO / "adapters", demo=True)
     return build_random_model(tmp_path_factory.mktemp("random-model"))
 
