@@ -93,6 +93,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("engine", "max_stop_sequences", "most stop sequences per request"),
     _Option("engine", "max_stop_sequence_length", "longest stop sequence, in characters"),
     _Option("engine", "max_top_logprobs", "largest options.top_logprobs"),
+    _Option("engine", "max_constraints", "most bad_words / sequence_bias entries per request"),
+    _Option("engine", "max_constraint_length", "longest bad word or biased text, in characters"),
     _Option("server", "max_receive_message_bytes", "largest gRPC message accepted, in bytes"),
     _Option("server", "max_send_message_bytes", "largest gRPC message sent, in bytes"),
     _Option("server", "shutdown_grace_s", "seconds in-flight requests get to finish on SIGTERM"),

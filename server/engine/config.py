@@ -38,3 +38,7 @@ class EngineConfig:
     max_stop_sequences: int = 8
     max_stop_sequence_length: int = 128
     max_top_logprobs: int = 10
+    # Per request: at most this many bad_words and this many sequence_bias entries, each at
+    # most max_constraint_length characters (each entry becomes a logits-processor rule).
+    max_constraints: int = 64
+    max_constraint_length: int = 128

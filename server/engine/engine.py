@@ -54,9 +54,17 @@ class Engine:
         self._config = config
         device = resolve_device(config.device)
         path = str(config.model_path)
-        self._tokenizer: Any = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        # Local files only, safetensors only, no remote code: loading a model must never
+        # reach the network or unpickle anything.
+        self._tokenizer: Any = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=False, local_files_only=True
+        )
         base: Any = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[config.dtype], trust_remote_code=False
+            path,
+            dtype=DTYPES[config.dtype],
+            trust_remote_code=False,
+            local_files_only=True,
+            use_safetensors=True,
         )
         base.to(device)
         base.eval()
@@ -89,6 +97,8 @@ class Engine:
             max_stop_sequences=config.max_stop_sequences,
             max_stop_sequence_length=config.max_stop_sequence_length,
             max_top_logprobs=config.max_top_logprobs,
+            max_constraints=config.max_constraints,
+            max_constraint_length=config.max_constraint_length,
         )
         model_id = config.model_id or config.model_path.name
         self._info = ModelInfo(

@@ -193,6 +193,8 @@ class EngineLimits:
     max_stop_sequences: int
     max_stop_sequence_length: int
     max_top_logprobs: int
+    max_constraints: int
+    max_constraint_length: int
 
 
 @dataclass(frozen=True)

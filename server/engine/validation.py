@@ -172,12 +172,25 @@ def check_parameters(
                 f"parameters.stop_sequences[{i}]",
                 f"longer than {limits.max_stop_sequence_length} characters",
             )
+    for name, count in (("bad_words", len(p.bad_words)), ("sequence_bias", len(p.sequence_bias))):
+        if count > limits.max_constraints:
+            bad(f"parameters.{name}", f"at most {limits.max_constraints} entries")
     for i, word in enumerate(p.bad_words):
         if not word:
             bad(f"parameters.bad_words[{i}]", "must not be empty")
+        elif len(word) > limits.max_constraint_length:
+            bad(
+                f"parameters.bad_words[{i}]",
+                f"longer than {limits.max_constraint_length} characters",
+            )
     for i, (text, bias) in enumerate(p.sequence_bias):
         if not text:
             bad(f"parameters.sequence_bias[{i}].text", "must not be empty")
+        elif len(text) > limits.max_constraint_length:
+            bad(
+                f"parameters.sequence_bias[{i}].text",
+                f"longer than {limits.max_constraint_length} characters",
+            )
         if not _finite(bias):
             bad(f"parameters.sequence_bias[{i}].bias", "must be finite")
     if not 0 <= o.top_logprobs <= limits.max_top_logprobs:

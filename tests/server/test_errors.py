@@ -42,6 +42,16 @@ def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
         (pb.GenerationParameters(num_return_sequences=2), "parameters.num_return_sequences"),
         (pb.GenerationParameters(stop_sequences=["x" * 10_000]), "parameters.stop_sequences"),
         (pb.GenerationParameters(bad_words=[""]), "parameters.bad_words"),
+        (pb.GenerationParameters(bad_words=["ab"] * 65), "parameters.bad_words"),
+        (pb.GenerationParameters(bad_words=["a" * 129]), "parameters.bad_words"),
+        (
+            pb.GenerationParameters(sequence_bias=[pb.SequenceBias(text="a", bias=1.0)] * 65),
+            "parameters.sequence_bias",
+        ),
+        (
+            pb.GenerationParameters(sequence_bias=[pb.SequenceBias(text="a", bias=math.inf)]),
+            "parameters.sequence_bias",
+        ),
     ],
 )
 @pytest.mark.parametrize("streaming", [False, True])
