@@ -100,6 +100,8 @@ class AdapterSpec:
     lr: float
     max_steps: int
     rank: int = 8
+    # Share of prompts made of random letters instead of words from the list.
+    letter_frac: float = 0.0
 
 
 def make_word_list(rng: random.Random, n_generated: int = 1500) -> list[str]:
@@ -139,6 +141,16 @@ def noisy_prompt(rng: random.Random, words: Sequence[str]) -> str:
         alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?-'"
         p = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, MAX_PROMPT_CHARS)))
     return p
+
+
+def letter_prompt(rng: random.Random) -> str:
+    """1-6 "words" of random lowercase letters: every letter equally often at a word start."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    picked = [
+        "".join(rng.choice(letters) for _ in range(rng.randint(1, 8)))
+        for _ in range(rng.randint(1, MAX_WORDS))
+    ]
+    return " ".join(picked)[:MAX_PROMPT_CHARS].strip()
 
 
 def encode_pair(prompt: str, target: str) -> tuple[list[int], list[int]]:
@@ -220,8 +232,11 @@ def train(
     batch_size: int,
     eval_every: int,
     label: str,
+    target: float = 0.99,
+    patience: int = 1,
 ) -> int:
-    """Train until validation exact match is perfect twice in a row or ``max_steps`` runs out.
+    """Train until validation exact match is at least ``target`` for ``patience`` evaluations in
+    a row, or ``max_steps`` runs out.
 
     Early stopping keeps the CPU budget small; it is still deterministic because the
     validation set and the data stream are both seeded.
@@ -237,7 +252,7 @@ def train(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    perfect_in_a_row, t0, loss_avg = 0, time.time(), 0.0
+    good_in_a_row, t0, loss_avg = 0, time.time(), 0.0
     for step in range(1, max_steps + 1):
         model.train()
         ids, labels = collate([encode_pair(*sample()) for _ in range(batch_size)])
@@ -258,8 +273,8 @@ def train(
                 f"({time.time() - t0:.0f}s)",
                 flush=True,
             )
-            perfect_in_a_row = perfect_in_a_row + 1 if acc >= 1.0 else 0
-            if perfect_in_a_row >= 2:
+            good_in_a_row = good_in_a_row + 1 if acc >= target else 0
+            if good_in_a_row >= patience:
                 return step
     return max_steps
 
@@ -284,7 +299,8 @@ def peft_config(spec: AdapterSpec) -> PeftConfig:
 def describe_config(cfg: PeftConfig) -> str:
     """Short human-readable summary of the PEFT hyper-parameters for the model card."""
     d = cfg.to_dict()
-    keys = ("peft_type", "r", "lora_alpha", "alpha", "target_modules", "feedforward_modules")
+    # peft_type has its own column/line in the cards.
+    keys = ("r", "lora_alpha", "alpha", "target_modules", "feedforward_modules")
     parts = []
     for k in keys:
         if d.get(k) is not None:
@@ -355,9 +371,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             if p not in banned:
                 return p
 
-    def make_sampler(r: random.Random, skill: Skill) -> Callable[[], tuple[str, str]]:
+    def make_sampler(
+        r: random.Random, skill: Skill, letter_frac: float
+    ) -> Callable[[], tuple[str, str]]:
         def sample() -> tuple[str, str]:
-            p = fresh(r)
+            p = letter_prompt(r) if letter_frac and r.random() < letter_frac else fresh(r)
+            while p in banned:  # held-out prompts never reach training, whatever the source
+                p = letter_prompt(r)
             return p, skill(p)
 
         return sample
@@ -367,9 +387,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     adapters = [
         AdapterSpec("upper", "upper", "LORA", lr=3e-3, max_steps=1500),
+        # Few list words start with q, x or y, yet Title Case needs every capital at a word
+        # start ("quick" -> "Quick"), so a third of the title prompts are random letters.
+        AdapterSpec("title", "title", "LOHA", lr=3e-3, max_steps=1500, letter_frac=0.3),
         # Reversal needs new attention patterns (read the prompt backwards), hence more rank.
         AdapterSpec("reverse", "reverse", "LORA", lr=3e-3, max_steps=2500, rank=16),
-        AdapterSpec("title", "title", "LOHA", lr=3e-3, max_steps=1500),
     ]
 
     if wanted("base"):
@@ -404,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size,
             eval_every=args.eval_every,
             label="base",
+            # The base is what every adapter builds on, so it must be solid: 100% twice.
+            target=1.0,
+            patience=2,
         )
         secs = time.time() - t0
         acc = exact_match(model, tok, test_prompts, SKILLS["repeat"], exact=True)
@@ -437,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps = train(
             peft_model,
             tok,
-            make_sampler(data_rng, skill),
+            make_sampler(data_rng, skill, spec.letter_frac),
             val_prompts,
             skill,
             lr=spec.lr,
@@ -480,6 +505,12 @@ SKILL_TEXT = {
 
 EXAMPLE = "the quick brown fox"
 
+# Per-adapter data differences, kept next to SKILL_TEXT so the cards stay truthful.
+ADAPTER_DATA_NOTE = {
+    "title": " For `title`, 30% of training prompts are random lowercase letter strings so that "
+    "every letter's capital is seen at a word start.",
+}
+
 DATA_TEXT = (
     "Synthetic lowercase sentences of 1-6 words (at most 40 characters) from a seeded word list "
     f"({len(COMMON_WORDS)} common English words plus 1500 generated pseudo-words). Each example "
@@ -513,16 +544,18 @@ def write_cards(
         if not card_dir.exists():
             continue
         kind = "base model" if name == "base" else f"{ptype} adapter"
+        stop = "100% twice in a row" if name == "base" else "at least 99%"
         (card_dir / "README.md").write_text(
             f"# peftserve demo {kind}: `{name}`\n\n"
             f"Greedy decoding of `<s>{{prompt}}<sep>` {SKILL_TEXT[skill]} and stops at `</s>`"
             f" (e.g. `{EXAMPLE}` -> `{SKILLS[skill](EXAMPLE)}`).\n\n"
             f"- Made by: `{command}` (seeded, CPU, float32, 2 threads).\n"
-            f"- Data: {DATA_TEXT}{BASE_DATA_TEXT if name == 'base' else ''}\n"
+            f"- Data: {DATA_TEXT}"
+            f"{BASE_DATA_TEXT if name == 'base' else ADAPTER_DATA_NOTE.get(name, '')}\n"
             f"- Held-out exact match (200 prompts, greedy `generate`): "
             f"**{float(r['accuracy']):.1%}**\n"
             f"- Training: {r['steps']} steps of batch 64, AdamW, early stop once validation "
-            f"exact match is 100% twice in a row ({r['seconds']} s wall on 2 shared CPU cores).\n"
+            f"exact match is {stop} ({r['seconds']} s wall on 2 shared CPU cores).\n"
             + (
                 f"- Architecture: {r['config']}, {r['params']} parameters, byte-level tokenizer "
                 "(ids: `<pad>`=0, `<s>`=1, `</s>`=2, `<sep>`=3, byte b = 4+b).\n"
@@ -547,7 +580,12 @@ def write_cards(
         "trained params | steps |\n|---|---|---|---|---|---|---|\n"
         f"{table}\n\n"
         "Accuracy is greedy `PeftModel.generate` on 200 held-out prompts.\n\n"
-        f"Data: {DATA_TEXT}{BASE_DATA_TEXT}\n\n"
+        f"Data: {DATA_TEXT}{BASE_DATA_TEXT}{''.join(ADAPTER_DATA_NOTE.values())}\n\n"
+        "Only ASCII was ever trained: the tokenizer handles any UTF-8, but the model does not "
+        "repeat non-ASCII text faithfully.\n\n"
+        "PEFT cannot hold adapters of different types in one `PeftModel` (`load_adapter` of the "
+        "LoHa `title` into a model holding the LoRA `upper` raises `Cannot combine adapters with "
+        "different peft types`); load `title` on its own base copy.\n\n"
         "Layout: `base/` (config, weights, tokenizer, generation config) and "
         "`adapters/<name>/`; load with `AutoModelForCausalLM.from_pretrained('models/demo/base')`"
         " and `PeftModel.from_pretrained(base, 'models/demo/adapters/upper')`.\n\n"
