@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[server,dev]'
+	$(PIP) install --quiet -e '.[server,dev,bench]'
 	touch $@
 
 $(NPM_STAMP): package.json

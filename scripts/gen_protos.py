@@ -26,9 +26,14 @@ def generate(out_dir: Path) -> list[Path]:
     """Write the generated modules under ``out_dir`` and return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     protos = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
+    # The mypy-protobuf plugins live next to this interpreter; name them explicitly so generation
+    # works without the virtualenv's bin/ on PATH (as in `.venv/bin/python -m pytest`).
+    bin_dir = Path(sys.executable).parent
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
