@@ -9,7 +9,6 @@ import sys
 
 import grpc
 import pytest
-
 from peftserve.client import AsyncPeftServeClient, PeftServeClient, PeftServeClientError
 
 from ..conftest import ServerThread
