@@ -22,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from peftserve.server.engine import Engine
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.types import GenerationParams, GenerationRequest
