@@ -46,6 +46,21 @@ class Batch:
     jobs: list[Job]
 
 
+class _BeamKwargWarningFilter(logging.Filter):
+    """Drops transformers' deprecation notice about ``num_beams`` given twice.
+
+    peft expands ``adapter_names`` for beam search only when ``num_beams`` is a ``generate``
+    keyword, so beam batches must pass it both ways; the notice would otherwise be logged for
+    every beam batch.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "together with generation-related arguments" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_BeamKwargWarningFilter())
+
+
 class ModelRunner:
     """Runs batches on the worker thread; reports progress through ``BatchState`` callbacks."""
 
