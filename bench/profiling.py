@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -115,11 +116,13 @@ class PySpyRecorder:
     error: str = ""
 
     @staticmethod
-    def available() -> bool:
-        return shutil.which("py-spy") is not None
+    def executable() -> str | None:
+        """py-spy next to this interpreter (a venv run without activation), else on PATH."""
+        beside = Path(sys.executable).with_name("py-spy")
+        return str(beside) if beside.is_file() else shutil.which("py-spy")
 
     def start(self) -> bool:
-        executable = shutil.which("py-spy")
+        executable = self.executable()
         if executable is None:
             self.error = "py-spy is not installed"
             return False

@@ -185,19 +185,40 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     plt.close(fig)
     written.append(PLOT_FILES[0])
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for cell in cells:
-        values = sorted(cell.get("e2e_ms_values") or [])
-        if not values:
-            continue
-        fractions = [(i + 1) / len(values) for i in range(len(values))]
-        ax.step(values, fractions, where="post", label=f"{cell['id']}")
-    ax.set_xscale("log")
-    ax.set_xlabel("end-to-end latency (ms)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("End-to-end latency CDF per cell")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    top = max((c["concurrency"] for c in cells), default=0)
+    fig, (ax_e2e, ax_ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # End to end: every cell at the top concurrency plus the serial baseline, so one panel
+    # compares systems under the same load; TTFT: every streamed cell, across concurrencies.
+    panels = (
+        (
+            ax_e2e,
+            "e2e_ms_values",
+            lambda c: c["concurrency"] == top or c["baseline"] == "a",
+            f"End-to-end latency ({top} clients; serial baseline)",
+            "end-to-end latency (ms)",
+        ),
+        (
+            ax_ttft,
+            "ttft_ms_values",
+            lambda c: bool(c.get("ttft_ms_values")),
+            "Time to first token (streams)",
+            "TTFT (ms)",
+        ),
+    )
+    for ax, key, keep, title, xlabel in panels:
+        for cell in cells:
+            values = sorted(cell.get(key) or [])
+            if not values or not keep(cell):
+                continue
+            fractions = [(i + 1) / len(values) for i in range(len(values))]
+            ax.step(values, fractions, where="post", label=cell["id"])
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out_dir / PLOT_FILES[1], dpi=110)
     plt.close(fig)
@@ -206,13 +227,16 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Only the cells at the top concurrency: that is where batch formation matters, and more
     # lines than that would be unreadable.
-    top = max((c["concurrency"] for c in cells), default=0)
     shown = [c for c in cells if c["metrics"]["batch_size_histogram"] and c["concurrency"] == top]
-    for cell in shown:
+    for i, cell in enumerate(shown):
         hist = {int(k): v for k, v in cell["metrics"]["batch_size_histogram"].items()}
         total = sum(hist.values())
-        sizes = sorted(hist)
-        ax.plot(sizes, [hist[k] / total for k in sizes], marker="o", label=cell["id"])
+        # Stems, nudged sideways per cell so equal sizes of different cells stay visible.
+        xs = [k + (i - (len(shown) - 1) / 2) * 0.25 for k in sorted(hist)]
+        ys = [hist[k] / total for k in sorted(hist)]
+        color = f"C{i % 10}"
+        ax.vlines(xs, 0, ys, colors=color, linewidth=1.5)
+        ax.plot(xs, ys, "o", color=color, label=cell["id"])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("size of the batch a request ran in (server request log)")
     ax.set_ylabel("fraction of requests")

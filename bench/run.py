@@ -325,7 +325,8 @@ class Runner:
                     False,
                     extra,
                     max_batch,
-                    None,
+                    # A one-point series: it puts e.g. the base-model cell next to (d) on the plot.
+                    f"(c) peftserve batched, unary, adapters={extra}",
                 )
                 self._measure(cell, server, target)
             if s.profile:
