@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import DEMO_MODEL, REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO_ROOT / "models" / "demo" / "base"
 
 QUICK_BUDGET_S = 90.0
 
