@@ -284,3 +284,29 @@ def test_demo_repeat_model_streams_multibyte_text_exactly(aio: asyncio.Runner, t
         assert seq.text == text
     assert "".join(e.text_delta for e in events).encode() == seq.text.encode()
     assert not any(e.text_delta.endswith("\ufffd") for e in events[:-1])
+
+
+@pytest.mark.parametrize("which", ["base", "lora", "lora-beams"])
+def test_single_adapter_batches_equal_solo_runs(
+    engine: Engine, reference: Reference, aio: asyncio.Runner, which: str
+) -> None:
+    """Batches of one adapter (or base rows only) take the plain forward, not peft's per-row
+    routing; their rows must still equal solo runs."""
+    (lora, *_), _ = _adapters(engine)
+    adapter = "" if which == "base" else lora
+    beams = which == "lora-beams"
+    params = GenerationParams(max_new_tokens=6, num_beams=2 if beams else None)
+    requests = [
+        GenerationRequest(
+            f"{which}-{i}", text=_prompt(3 + 9 * i, i), adapter=adapter, parameters=params
+        )
+        for i in range(5)
+    ]
+    results = aio.run(_submit_all(engine, requests))
+    assert max(r.batch_size for r in results) > 1, "the requests should have shared a batch"
+    solo_kwargs: dict[str, Any] = {"max_new_tokens": 6, "do_sample": False}
+    if beams:
+        solo_kwargs["num_beams"] = 2
+    for request, result in zip(requests, results, strict=True):
+        case = Case(request, solo_kwargs)
+        assert [s.token_ids for s in result.sequences] == _solo_tokens(engine, reference, case)
