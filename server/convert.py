@@ -210,6 +210,25 @@ def stream_delta(
     return pb.StreamGenerateResponse(request_id=request_id, delta=delta)
 
 
+def stream_deltas(
+    request_id: str, events: list[TokenEvent], options: ResponseOptions
+) -> list[pb.StreamGenerateResponse]:
+    """Events that arrived together -> one message per sequence, contents concatenated."""
+    merged: dict[int, TokenEvent] = {}
+    for event in events:
+        previous = merged.get(event.sequence_index)
+        if previous is None:
+            merged[event.sequence_index] = event
+        else:
+            merged[event.sequence_index] = TokenEvent(
+                sequence_index=event.sequence_index,
+                token_ids=previous.token_ids + event.token_ids,
+                text_delta=previous.text_delta + event.text_delta,
+                logprobs=previous.logprobs + event.logprobs,
+            )
+    return [stream_delta(request_id, event, options) for event in merged.values()]
+
+
 def stream_summary(result: GenerationResult, options: ResponseOptions) -> pb.StreamGenerateResponse:
     summary = pb.StreamSummary(
         sequences=[_sequence(s, options, with_content=False) for s in result.sequences],

@@ -70,8 +70,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine_request = self._request(request, context)
         handle = self._engine().submit(engine_request, stream=True)
         try:
-            async for event in handle:
-                yield convert.stream_delta(handle.request_id, event, engine_request.options)
+            async for events in handle.event_batches():
+                for message in convert.stream_deltas(
+                    handle.request_id, events, engine_request.options
+                ):
+                    yield message
             result = await handle.result()
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away (cancel, deadline, disconnect): free the row now.

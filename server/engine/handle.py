@@ -70,6 +70,36 @@ class RequestHandle:
         if error is not None:
             raise error
 
+    def event_batches(self) -> AsyncIterator[list[TokenEvent]]:
+        """Like iterating the handle, but each step yields every event already waiting.
+
+        A consumer that falls behind (e.g. a gRPC stream under load) then catches up in fewer,
+        larger messages instead of paying per-message costs for every token.
+        """
+        if self._events is None:
+            raise TypeError("events are only available for requests submitted with stream=True")
+        return self._iterate_batches(self._events)
+
+    async def _iterate_batches(
+        self, events: asyncio.Queue[TokenEvent | None]
+    ) -> AsyncIterator[list[TokenEvent]]:
+        ended = False
+        while not ended:
+            event = await events.get()
+            if event is None:
+                break
+            batch = [event]
+            while not events.empty():
+                waiting = events.get_nowait()
+                if waiting is None:
+                    ended = True
+                    break
+                batch.append(waiting)
+            yield batch
+        error = self._future.exception()
+        if error is not None:
+            raise error
+
     async def result(self) -> GenerationResult:
         # shield: a caller's task being cancelled must not cancel the shared future.
         return await asyncio.shield(self._future)
