@@ -127,6 +127,8 @@ class Job:
         self.rows: list[Row] = []
         # Beam requests get whole sequences at the end instead of growing rows.
         self.beam_sequences: list[SequenceResult] | None = None
+        # Events decoded in the current step, not yet handed to the loop (worker thread only).
+        self.pending_events: list[TokenEvent] = []
 
     @property
     def request_id(self) -> str:
@@ -138,8 +140,31 @@ class Job:
         return deadline is not None and time.monotonic() >= deadline
 
     def publish_event(self, event: TokenEvent) -> None:
+        # Buffered: the batch hands a whole decoding step's events to the loop in one callback
+        # (see flush_events), instead of waking the loop once per row per token.
         if self.handle.stream:
-            self.loop.call_soon_threadsafe(self.handle._deliver, event)
+            self.pending_events.append(event)
+
+    def take_events(self) -> list[TokenEvent]:
+        events, self.pending_events = self.pending_events, []
+        return events
 
     def publish_outcome(self, outcome: GenerationResult | BaseException) -> None:
+        events = self.take_events()
+        if events:
+            # FIFO callbacks: a stream's last events always precede its end.
+            self.loop.call_soon_threadsafe(_deliver_all, [(self.handle, events)])
         self.loop.call_soon_threadsafe(self.handle._resolve, outcome)
+
+
+def flush_events(jobs: list[Job]) -> None:
+    """Hand every job's buffered events to the event loop in one callback (worker thread)."""
+    ready = [(job.handle, events) for job in jobs if (events := job.take_events())]
+    if ready:
+        jobs[0].loop.call_soon_threadsafe(_deliver_all, ready)
+
+
+def _deliver_all(ready: list[tuple[RequestHandle, list[TokenEvent]]]) -> None:
+    for handle, events in ready:
+        for event in events:
+            handle._deliver(event)

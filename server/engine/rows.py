@@ -27,7 +27,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria
 
 from .detokenize import TextStream
-from .handle import Job
+from .handle import Job, flush_events
 from .types import FinishReason, TokenEvent, TokenLogprob, TopLogprob
 
 
@@ -215,6 +215,7 @@ class RowStoppingCriteria(StoppingCriteria):
         for i, row in enumerate(state.rows):
             if not row.finished:
                 state.accept(row, int(last[i]))
+        flush_events(state.jobs)
         done = [row.finished for row in state.rows]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
