@@ -230,3 +230,36 @@ def test_failed_load_is_unavailable(tmp_path: Any) -> None:
         assert details.code == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
+
+
+def test_requests_while_loading_are_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from peftserve.server import app
+    from peftserve.server.engine.engine import Engine
+
+    release = threading.Event()
+
+    def slow_engine(config: Any) -> Engine:
+        # Hold the load (it runs in a worker thread) until the test has probed the server.
+        release.wait(30)
+        return Engine(config)
+
+    monkeypatch.setattr(app, "Engine", slow_engine)
+    server = ServerThread()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            details = details_of(
+                rpc_error(stub.Generate, pb.GenerateRequest(text=PROMPT), timeout=30)
+            )
+            assert details.code == grpc.StatusCode.UNAVAILABLE
+            assert "loading" in details.message
+            release.set()
+            server.wait_ready()
+            assert (
+                stub.Generate(pb.GenerateRequest(text="ok"), timeout=30).sequences[0].text == "ok"
+            )
+    finally:
+        release.set()
+        server.stop()
