@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from .engine.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
+    BatchOutOfMemoryError,
     DeadlineExceededError,
     EngineUnavailableError,
     InvalidRequestError,
@@ -32,6 +33,7 @@ _CODES: tuple[tuple[type[PeftServeError], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BatchOutOfMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (RequestCancelledError, grpc.StatusCode.CANCELLED),

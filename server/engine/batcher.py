@@ -30,8 +30,16 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from .config import EngineConfig
-from .errors import DeadlineExceededError, EngineUnavailableError, PeftServeError, QueueFullError
+from .errors import (
+    BatchOutOfMemoryError,
+    DeadlineExceededError,
+    EngineUnavailableError,
+    PeftServeError,
+    QueueFullError,
+)
 from .handle import Job
 from .runner import Batch, BatchKey, ModelRunner
 from .types import FinishReason, GenerationResult, SequenceResult
@@ -156,7 +164,7 @@ class Batcher:
                 return
             started = time.monotonic()
             try:
-                self._runner.run(batch, self._job_finished, self._expire_queued)
+                self._run_splitting_on_oom(batch)
             except Exception as e:  # a bug or a device error: fail the batch, keep serving
                 logger.exception("batch failed")
                 for job in batch.jobs:
@@ -167,6 +175,43 @@ class Batcher:
             elapsed = time.monotonic() - started
             with self._cond:
                 self._batch_seconds_ema = 0.8 * self._batch_seconds_ema + 0.2 * elapsed
+
+    def _run_splitting_on_oom(self, batch: Batch) -> None:
+        """Run a batch; on accelerator OOM retry it in halves while that is invisible.
+
+        A retry is only invisible while no row has produced a token (nothing was streamed):
+        rows are rebuilt with the same seeds, so the split batches give the same tokens. A
+        request that still does not fit alone, or whose tokens already streamed, fails with
+        BatchOutOfMemoryError; the server keeps serving.
+        """
+        try:
+            self._runner.run(batch, self._job_finished, self._expire_queued)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            pending = [job for job in batch.jobs if not job.done]
+            started_streaming = any(row.tokens for job in pending for row in job.rows)
+            if len(pending) > 1 and not started_streaming:
+                logger.warning(
+                    "out of memory on a batch of %d requests; retrying in halves", len(pending)
+                )
+                half = len(pending) // 2
+                for part in (pending[:half], pending[half:]):
+                    for job in part:
+                        job.batch_size = len(part)
+                        job.rows = []
+                    self._run_splitting_on_oom(Batch(batch.key, part))
+                return
+            logger.error("out of memory on a batch of %d requests; failing them", len(pending))
+            for job in pending:
+                self._fail(
+                    job,
+                    BatchOutOfMemoryError(
+                        "the accelerator ran out of memory for this request"
+                        + (" after it started streaming" if started_streaming else "")
+                        + "; retry later or lower max_new_tokens / num_beams"
+                    ),
+                )
 
     def _next_batch(self) -> Batch | None:
         max_wait_s = self._config.max_wait_ms / 1000.0

@@ -100,3 +100,10 @@ class AdapterLoadError(PeftServeError):
     def __init__(self, adapter: str, message: str) -> None:
         self.adapter = adapter
         super().__init__(f"adapter {adapter!r} could not be loaded: {message}")
+
+
+class BatchOutOfMemoryError(PeftServeError):
+    """The accelerator ran out of memory even for this request alone, or after its tokens had
+    started to stream (gRPC RESOURCE_EXHAUSTED)."""
+
+    reason = "OUT_OF_MEMORY"

@@ -1,0 +1,79 @@
+"""Accelerator out-of-memory on a batch: split and retry while invisible, else a clear error.
+
+A real OOM cannot be provoked on the CPU test machine, so the runner is made to raise
+``torch.OutOfMemoryError`` (fault injection at the model call); everything around it is real.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from peftserve.v1 import generation_pb2 as pb
+from peftserve.v1 import generation_pb2_grpc as pb_grpc
+
+from ..conftest import ServerThread
+from ..server.status_details import details_of
+
+PROMPTS = ["red fox", "lazy dog", "over the moon", "hello world"]
+
+
+@pytest.fixture
+def server() -> Any:
+    server = ServerThread(max_wait_ms=100.0)
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def test_oom_on_a_batch_is_retried_in_halves(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = server.server.engine()._runner
+    real_run = runner.run
+    sizes: list[int] = []
+
+    def run_small_batches_only(batch: Any, *args: Any) -> None:
+        sizes.append(len(batch.jobs))
+        if len(batch.jobs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        real_run(batch, *args)
+
+    monkeypatch.setattr(runner, "run", run_small_batches_only)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        futures = [
+            stub.Generate.future(pb.GenerateRequest(text=p, adapter="upper"), timeout=60)
+            for p in PROMPTS
+        ]
+        texts = [f.result().sequences[0].text for f in futures]
+    assert max(sizes) > 1, "the requests should first have been batched together"
+    assert texts == [p.upper() for p in PROMPTS]
+
+
+def test_oom_for_a_single_request_is_resource_exhausted(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = server.server.engine()._runner
+
+    def always_oom(batch: Any, *args: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(runner, "run", always_oom)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(pb.GenerateRequest(text="hello"), timeout=30)
+        details = details_of(caught.value)
+        assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details.reason == "OUT_OF_MEMORY"
+        monkeypatch.undo()
+        # The server keeps serving.
+        assert (
+            stub.Generate(pb.GenerateRequest(text="hello"), timeout=30).sequences[0].text == "hello"
+        )
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
