@@ -175,6 +175,7 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 # Streams a connection may open beyond what the engine admits (see _channel_options).
+_MIN_CONCURRENT_STREAMS = 1024
 _STREAM_HEADROOM = 16
 
 
@@ -184,11 +185,16 @@ def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
-        # One connection cannot usefully hold more calls than the engine admits (running +
-        # queued); the headroom is for health watches and reflection on the same connection.
+        # Calls beyond what the engine admits (running + queued) must reach the engine, which
+        # answers RESOURCE_EXHAUSTED with RetryInfo; a tight HTTP/2 cap would instead refuse the
+        # streams (RST_STREAM REFUSED_STREAM -> UNAVAILABLE, no retry hint), as a 150-call burst
+        # showed. The cap only bounds per-connection memory.
         (
             "grpc.max_concurrent_streams",
-            engine.max_batch_size + engine.max_queue_size + _STREAM_HEADROOM,
+            max(
+                _MIN_CONCURRENT_STREAMS,
+                engine.max_batch_size + engine.max_queue_size + _STREAM_HEADROOM,
+            ),
         ),
         # The server pings idle peers to find dead connections and free their streams.
         ("grpc.keepalive_time_ms", 60_000),
