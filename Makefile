@@ -52,5 +52,9 @@ check: lint typecheck
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
 
+# A bounded soak on 127.0.0.1: 5000 mixed requests with random cancels and deadlines.
+soak: $(STAMP)
+	$(PY) -m tests.reliability.soak --requests 5000
+
 clean:
 	rm -rf $(VENV) node_modules .typecheck build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
