@@ -8,6 +8,7 @@ temporary directory and compares with the committed files.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from grpc_tools import protoc
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+# Well-known types (google/protobuf/timestamp.proto) ship inside grpcio-tools, not on the system.
+WELL_KNOWN_ROOT = Path(str(importlib.resources.files("grpc_tools") / "_proto"))
 
 
 def proto_files() -> list[Path]:
@@ -32,6 +35,7 @@ def generate(out_dir: Path) -> list[Path]:
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{WELL_KNOWN_ROOT}",
         f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out_dir}",

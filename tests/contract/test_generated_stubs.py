@@ -254,6 +254,8 @@ def proto_with_comments(tmp_path_factory: pytest.TempPathFactory) -> Any:
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        # google/protobuf/timestamp.proto ships with grpcio-tools.
+        f"-I{_load_gen_protos().WELL_KNOWN_ROOT}",
         f"--descriptor_set_out={out}",
         "--include_source_info",
         PROTO_FILE,

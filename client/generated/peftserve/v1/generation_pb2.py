@@ -22,65 +22,82 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpeftserve/v1/generation.proto\x12\x0cpeftserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9e\x06\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x16\n\tdo_sample\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x16\n\ttypical_p\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x16\n\tnum_beams\x18\n \x01(\rH\t\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x0b \x01(\rH\n\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x0c \x01(\x02H\x0b\x88\x01\x01\x12\x1b\n\x0e\x65\x61rly_stopping\x18\r \x01(\x08H\x0c\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\r\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x0f \x01(\rH\x0e\x88\x01\x01\x12\x11\n\x04seed\x18\x10 \x01(\x04H\x0f\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x11 \x03(\t\x12\x11\n\tbad_words\x18\x12 \x03(\t\x12\x31\n\rsequence_bias\x18\x13 \x03(\x0b\x32\x1a.peftserve.v1.SequenceBiasB\x11\n\x0f_max_new_tokensB\r\n\x0b_max_lengthB\x11\n\x0f_min_new_tokensB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x0c\n\n_typical_pB\x0c\n\n_num_beamsB\x17\n\x15_num_return_sequencesB\x11\n\x0f_length_penaltyB\x11\n\x0f_early_stoppingB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x07\n\x05_seed\"*\n\x0cSequenceBias\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x02\"z\n\x0fResponseOptions\x12\x18\n\x10return_token_ids\x18\x01 \x01(\x08\x12\x17\n\x0freturn_logprobs\x18\x02 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\r\x12\x1e\n\x16include_special_tokens\x18\x04 \x01(\x08\"\xe4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.peftserve.v1.TokenIdsH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x36\n\nparameters\x18\x05 \x01(\x0b\x32\".peftserve.v1.GenerationParameters\x12.\n\x07options\x18\x06 \x01(\x0b\x32\x1d.peftserve.v1.ResponseOptionsB\x07\n\x05input\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.peftserve.v1.TopLogprob\"\xc3\x01\n\x08Sequence\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.peftserve.v1.FinishReason\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.peftserve.v1.TokenLogprob\x12\x17\n\nbeam_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_beam_score\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa6\x03\n\x13\x45\x66\x66\x65\x63tiveParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x11\n\tdo_sample\x18\x03 \x01(\x08\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x11\n\ttypical_p\x18\x08 \x01(\x02\x12\x11\n\tnum_beams\x18\t \x01(\r\x12\x1c\n\x14num_return_sequences\x18\n \x01(\r\x12\x16\n\x0elength_penalty\x18\x0b \x01(\x02\x12\x16\n\x0e\x65\x61rly_stopping\x18\x0c \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12\x1c\n\x14no_repeat_ngram_size\x18\x0e \x01(\r\x12\x16\n\x0estop_sequences\x18\x0f \x03(\t\x12\x11\n\tbad_words\x18\x10 \x03(\t\x12\x31\n\rsequence_bias\x18\x11 \x03(\x0b\x32\x1a.peftserve.v1.SequenceBias\"\x96\x01\n\nProvenance\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12?\n\x14\x65\x66\x66\x65\x63tive_parameters\x18\x05 \x01(\x0b\x32!.peftserve.v1.EffectiveParameters\"5\n\x06Timing\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.peftserve.v1.Sequence\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.peftserve.v1.Usage\x12,\n\nprovenance\x18\x04 \x01(\x0b\x32\x18.peftserve.v1.Provenance\x12$\n\x06timing\x18\x05 \x01(\x0b\x32\x14.peftserve.v1.Timing\"m\n\rSequenceDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.peftserve.v1.TokenLogprob\"\xb2\x01\n\rStreamSummary\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.peftserve.v1.Sequence\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.peftserve.v1.Usage\x12,\n\nprovenance\x18\x03 \x01(\x0b\x32\x18.peftserve.v1.Provenance\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.peftserve.v1.Timing\"\x93\x01\n\x16StreamGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1b.peftserve.v1.SequenceDeltaH\x00\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1b.peftserve.v1.StreamSummaryH\x00\x42\x07\n\x05\x65vent\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xa6\x02\n\x0cServerLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x06 \x01(\r\x12!\n\x19max_beams_times_sequences\x18\x07 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x08 \x01(\r\x12 \n\x18max_stop_sequence_length\x18\t \x01(\r\x12\x18\n\x10max_top_logprobs\x18\n \x01(\r\"\xcb\x01\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x19\n\x0c\x65os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12*\n\x06limits\x18\x07 \x01(\x0b\x32\x1a.peftserve.v1.ServerLimitsB\x0f\n\r_eos_token_id\"\x15\n\x13ListAdaptersRequest\"\x86\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpeft_type\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\x04rank\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x16\n\x0emixed_batching\x18\x06 \x01(\x08\x42\x07\n\x05_rank\"?\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.peftserve.v1.Adapter*\xe3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12#\n\x1f\x46INISH_REASON_DEADLINE_EXCEEDED\x10\x05\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x06\x32\xb0\x03\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.peftserve.v1.GenerateRequest\x1a\x1e.peftserve.v1.GenerateResponse\x12W\n\x0eStreamGenerate\x12\x1d.peftserve.v1.GenerateRequest\x1a$.peftserve.v1.StreamGenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.peftserve.v1.TokenizeRequest\x1a\x1e.peftserve.v1.TokenizeResponse\x12U\n\x0cGetModelInfo\x12!.peftserve.v1.GetModelInfoRequest\x1a\".peftserve.v1.GetModelInfoResponse\x12U\n\x0cListAdapters\x12!.peftserve.v1.ListAdaptersRequest\x1a\".peftserve.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpeftserve/v1/generation.proto\x12\x0cpeftserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9e\x06\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x16\n\tdo_sample\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x16\n\ttypical_p\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x16\n\tnum_beams\x18\n \x01(\rH\t\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x0b \x01(\rH\n\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x0c \x01(\x02H\x0b\x88\x01\x01\x12\x1b\n\x0e\x65\x61rly_stopping\x18\r \x01(\x08H\x0c\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\r\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x0f \x01(\rH\x0e\x88\x01\x01\x12\x11\n\x04seed\x18\x10 \x01(\x04H\x0f\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x11 \x03(\t\x12\x11\n\tbad_words\x18\x12 \x03(\t\x12\x31\n\rsequence_bias\x18\x13 \x03(\x0b\x32\x1a.peftserve.v1.SequenceBiasB\x11\n\x0f_max_new_tokensB\r\n\x0b_max_lengthB\x11\n\x0f_min_new_tokensB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x0c\n\n_typical_pB\x0c\n\n_num_beamsB\x17\n\x15_num_return_sequencesB\x11\n\x0f_length_penaltyB\x11\n\x0f_early_stoppingB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x07\n\x05_seed\"*\n\x0cSequenceBias\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x02\"z\n\x0fResponseOptions\x12\x18\n\x10return_token_ids\x18\x01 \x01(\x08\x12\x17\n\x0freturn_logprobs\x18\x02 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\r\x12\x1e\n\x16include_special_tokens\x18\x04 \x01(\x08\"\xe4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.peftserve.v1.TokenIdsH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x36\n\nparameters\x18\x05 \x01(\x0b\x32\".peftserve.v1.GenerationParameters\x12.\n\x07options\x18\x06 \x01(\x0b\x32\x1d.peftserve.v1.ResponseOptionsB\x07\n\x05input\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.peftserve.v1.TopLogprob\"\xc3\x01\n\x08Sequence\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.peftserve.v1.FinishReason\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.peftserve.v1.TokenLogprob\x12\x17\n\nbeam_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_beam_score\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa6\x03\n\x13\x45\x66\x66\x65\x63tiveParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x11\n\tdo_sample\x18\x03 \x01(\x08\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x11\n\ttypical_p\x18\x08 \x01(\x02\x12\x11\n\tnum_beams\x18\t \x01(\r\x12\x1c\n\x14num_return_sequences\x18\n \x01(\r\x12\x16\n\x0elength_penalty\x18\x0b \x01(\x02\x12\x16\n\x0e\x65\x61rly_stopping\x18\x0c \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12\x1c\n\x14no_repeat_ngram_size\x18\x0e \x01(\r\x12\x16\n\x0estop_sequences\x18\x0f \x03(\t\x12\x11\n\tbad_words\x18\x10 \x03(\t\x12\x31\n\rsequence_bias\x18\x11 \x03(\x0b\x32\x1a.peftserve.v1.SequenceBias\"\x96\x01\n\nProvenance\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12?\n\x14\x65\x66\x66\x65\x63tive_parameters\x18\x05 \x01(\x0b\x32!.peftserve.v1.EffectiveParameters\"5\n\x06Timing\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.peftserve.v1.Sequence\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.peftserve.v1.Usage\x12,\n\nprovenance\x18\x04 \x01(\x0b\x32\x18.peftserve.v1.Provenance\x12$\n\x06timing\x18\x05 \x01(\x0b\x32\x14.peftserve.v1.Timing\"m\n\rSequenceDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.peftserve.v1.TokenLogprob\"\xb2\x01\n\rStreamSummary\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.peftserve.v1.Sequence\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.peftserve.v1.Usage\x12,\n\nprovenance\x18\x03 \x01(\x0b\x32\x18.peftserve.v1.Provenance\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.peftserve.v1.Timing\"\x93\x01\n\x16StreamGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1b.peftserve.v1.SequenceDeltaH\x00\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1b.peftserve.v1.StreamSummaryH\x00\x42\x07\n\x05\x65vent\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xa6\x02\n\x0cServerLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x06 \x01(\r\x12!\n\x19max_beams_times_sequences\x18\x07 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x08 \x01(\r\x12 \n\x18max_stop_sequence_length\x18\t \x01(\r\x12\x18\n\x10max_top_logprobs\x18\n \x01(\r\"\xcb\x01\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x19\n\x0c\x65os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12*\n\x06limits\x18\x07 \x01(\x0b\x32\x1a.peftserve.v1.ServerLimitsB\x0f\n\r_eos_token_id\"\x15\n\x13ListAdaptersRequest\"\xae\x02\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpeft_type\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\x04rank\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x16\n\x0emixed_batching\x18\x06 \x01(\x08\x12)\n\x05state\x18\x07 \x01(\x0e\x32\x1a.peftserve.v1.AdapterState\x12\x1a\n\x12in_flight_requests\x18\x08 \x01(\r\x12\x32\n\x0elast_used_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06pinned\x18\n \x01(\x08\x12\x0c\n\x04path\x18\x0b \x01(\t\x12\r\n\x05\x65rror\x18\x0c \x01(\tB\x07\n\x05_rank\"?\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.peftserve.v1.Adapter\"=\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0b\n\x03pin\x18\x03 \x01(\x08\"=\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.peftserve.v1.Adapter\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x15UnloadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.peftserve.v1.Adapter\"\x16\n\x14WatchAdaptersRequest\"m\n\x15WatchAdaptersResponse\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.peftserve.v1.AdapterEventKind\x12&\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x15.peftserve.v1.Adapter*\xe3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12#\n\x1f\x46INISH_REASON_DEADLINE_EXCEEDED\x10\x05\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x06*\x98\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_FAILED\x10\x03\x12\x1b\n\x17\x41\x44\x41PTER_STATE_UNLOADING\x10\x04*\xb6\x01\n\x10\x41\x64\x61pterEventKind\x12\"\n\x1e\x41\x44\x41PTER_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41\x44\x41PTER_EVENT_KIND_EXISTING\x10\x01\x12\x1d\n\x19\x41\x44\x41PTER_EVENT_KIND_SYNCED\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_EVENT_KIND_CHANGED\x10\x03\x12\x1e\n\x1a\x41\x44\x41PTER_EVENT_KIND_REMOVED\x10\x04\x32\xba\x05\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.peftserve.v1.GenerateRequest\x1a\x1e.peftserve.v1.GenerateResponse\x12W\n\x0eStreamGenerate\x12\x1d.peftserve.v1.GenerateRequest\x1a$.peftserve.v1.StreamGenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.peftserve.v1.TokenizeRequest\x1a\x1e.peftserve.v1.TokenizeResponse\x12U\n\x0cGetModelInfo\x12!.peftserve.v1.GetModelInfoRequest\x1a\".peftserve.v1.GetModelInfoResponse\x12U\n\x0cListAdapters\x12!.peftserve.v1.ListAdaptersRequest\x1a\".peftserve.v1.ListAdaptersResponse\x12R\n\x0bLoadAdapter\x12 .peftserve.v1.LoadAdapterRequest\x1a!.peftserve.v1.LoadAdapterResponse\x12X\n\rUnloadAdapter\x12\".peftserve.v1.UnloadAdapterRequest\x1a#.peftserve.v1.UnloadAdapterResponse\x12Z\n\rWatchAdapters\x12\".peftserve.v1.WatchAdaptersRequest\x1a#.peftserve.v1.WatchAdaptersResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'peftserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=3852
-  _globals['_FINISHREASON']._serialized_end=4079
-  _globals['_TOKENIDS']._serialized_start=47
-  _globals['_TOKENIDS']._serialized_end=70
-  _globals['_GENERATIONPARAMETERS']._serialized_start=73
-  _globals['_GENERATIONPARAMETERS']._serialized_end=871
-  _globals['_SEQUENCEBIAS']._serialized_start=873
-  _globals['_SEQUENCEBIAS']._serialized_end=915
-  _globals['_RESPONSEOPTIONS']._serialized_start=917
-  _globals['_RESPONSEOPTIONS']._serialized_end=1039
-  _globals['_GENERATEREQUEST']._serialized_start=1042
-  _globals['_GENERATEREQUEST']._serialized_end=1270
-  _globals['_TOPLOGPROB']._serialized_start=1272
-  _globals['_TOPLOGPROB']._serialized_end=1333
-  _globals['_TOKENLOGPROB']._serialized_start=1335
-  _globals['_TOKENLOGPROB']._serialized_end=1446
-  _globals['_SEQUENCE']._serialized_start=1449
-  _globals['_SEQUENCE']._serialized_end=1644
-  _globals['_USAGE']._serialized_start=1646
-  _globals['_USAGE']._serialized_end=1703
-  _globals['_EFFECTIVEPARAMETERS']._serialized_start=1706
-  _globals['_EFFECTIVEPARAMETERS']._serialized_end=2128
-  _globals['_PROVENANCE']._serialized_start=2131
-  _globals['_PROVENANCE']._serialized_end=2281
-  _globals['_TIMING']._serialized_start=2283
-  _globals['_TIMING']._serialized_end=2336
-  _globals['_GENERATERESPONSE']._serialized_start=2339
-  _globals['_GENERATERESPONSE']._serialized_end=2540
-  _globals['_SEQUENCEDELTA']._serialized_start=2542
-  _globals['_SEQUENCEDELTA']._serialized_end=2651
-  _globals['_STREAMSUMMARY']._serialized_start=2654
-  _globals['_STREAMSUMMARY']._serialized_end=2832
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=2835
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=2982
-  _globals['_TOKENIZEREQUEST']._serialized_start=2984
-  _globals['_TOKENIZEREQUEST']._serialized_end=3043
-  _globals['_TOKENIZERESPONSE']._serialized_start=3045
-  _globals['_TOKENIZERESPONSE']._serialized_end=3098
-  _globals['_GETMODELINFOREQUEST']._serialized_start=3100
-  _globals['_GETMODELINFOREQUEST']._serialized_end=3121
-  _globals['_SERVERLIMITS']._serialized_start=3124
-  _globals['_SERVERLIMITS']._serialized_end=3418
-  _globals['_GETMODELINFORESPONSE']._serialized_start=3421
-  _globals['_GETMODELINFORESPONSE']._serialized_end=3624
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=3626
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=3647
-  _globals['_ADAPTER']._serialized_start=3650
-  _globals['_ADAPTER']._serialized_end=3784
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=3786
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=3849
-  _globals['_GENERATIONSERVICE']._serialized_start=4082
-  _globals['_GENERATIONSERVICE']._serialized_end=4514
+  _globals['_FINISHREASON']._serialized_start=4417
+  _globals['_FINISHREASON']._serialized_end=4644
+  _globals['_ADAPTERSTATE']._serialized_start=4647
+  _globals['_ADAPTERSTATE']._serialized_end=4799
+  _globals['_ADAPTEREVENTKIND']._serialized_start=4802
+  _globals['_ADAPTEREVENTKIND']._serialized_end=4984
+  _globals['_TOKENIDS']._serialized_start=80
+  _globals['_TOKENIDS']._serialized_end=103
+  _globals['_GENERATIONPARAMETERS']._serialized_start=106
+  _globals['_GENERATIONPARAMETERS']._serialized_end=904
+  _globals['_SEQUENCEBIAS']._serialized_start=906
+  _globals['_SEQUENCEBIAS']._serialized_end=948
+  _globals['_RESPONSEOPTIONS']._serialized_start=950
+  _globals['_RESPONSEOPTIONS']._serialized_end=1072
+  _globals['_GENERATEREQUEST']._serialized_start=1075
+  _globals['_GENERATEREQUEST']._serialized_end=1303
+  _globals['_TOPLOGPROB']._serialized_start=1305
+  _globals['_TOPLOGPROB']._serialized_end=1366
+  _globals['_TOKENLOGPROB']._serialized_start=1368
+  _globals['_TOKENLOGPROB']._serialized_end=1479
+  _globals['_SEQUENCE']._serialized_start=1482
+  _globals['_SEQUENCE']._serialized_end=1677
+  _globals['_USAGE']._serialized_start=1679
+  _globals['_USAGE']._serialized_end=1736
+  _globals['_EFFECTIVEPARAMETERS']._serialized_start=1739
+  _globals['_EFFECTIVEPARAMETERS']._serialized_end=2161
+  _globals['_PROVENANCE']._serialized_start=2164
+  _globals['_PROVENANCE']._serialized_end=2314
+  _globals['_TIMING']._serialized_start=2316
+  _globals['_TIMING']._serialized_end=2369
+  _globals['_GENERATERESPONSE']._serialized_start=2372
+  _globals['_GENERATERESPONSE']._serialized_end=2573
+  _globals['_SEQUENCEDELTA']._serialized_start=2575
+  _globals['_SEQUENCEDELTA']._serialized_end=2684
+  _globals['_STREAMSUMMARY']._serialized_start=2687
+  _globals['_STREAMSUMMARY']._serialized_end=2865
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=2868
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=3015
+  _globals['_TOKENIZEREQUEST']._serialized_start=3017
+  _globals['_TOKENIZEREQUEST']._serialized_end=3076
+  _globals['_TOKENIZERESPONSE']._serialized_start=3078
+  _globals['_TOKENIZERESPONSE']._serialized_end=3131
+  _globals['_GETMODELINFOREQUEST']._serialized_start=3133
+  _globals['_GETMODELINFOREQUEST']._serialized_end=3154
+  _globals['_SERVERLIMITS']._serialized_start=3157
+  _globals['_SERVERLIMITS']._serialized_end=3451
+  _globals['_GETMODELINFORESPONSE']._serialized_start=3454
+  _globals['_GETMODELINFORESPONSE']._serialized_end=3657
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=3659
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=3680
+  _globals['_ADAPTER']._serialized_start=3683
+  _globals['_ADAPTER']._serialized_end=3985
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=3987
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=4050
+  _globals['_LOADADAPTERREQUEST']._serialized_start=4052
+  _globals['_LOADADAPTERREQUEST']._serialized_end=4113
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=4115
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=4176
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=4178
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=4214
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=4216
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=4279
+  _globals['_WATCHADAPTERSREQUEST']._serialized_start=4281
+  _globals['_WATCHADAPTERSREQUEST']._serialized_end=4303
+  _globals['_WATCHADAPTERSRESPONSE']._serialized_start=4305
+  _globals['_WATCHADAPTERSRESPONSE']._serialized_end=4414
+  _globals['_GENERATIONSERVICE']._serialized_start=4987
+  _globals['_GENERATIONSERVICE']._serialized_end=5685
 # @@protoc_insertion_point(module_scope)

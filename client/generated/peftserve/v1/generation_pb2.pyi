@@ -11,7 +11,11 @@ Errors use the standard gRPC status codes with google.rpc details (AIP-193):
   INVALID_ARGUMENT    a field is invalid; google.rpc.BadRequest names each field path
                       (e.g. "parameters.top_p"), google.rpc.ErrorInfo gives a stable reason.
   NOT_FOUND           the named adapter is not loaded (never silently served by the base).
-  RESOURCE_EXHAUSTED  the request queue is full; google.rpc.RetryInfo says when to retry.
+  RESOURCE_EXHAUSTED  the request queue is full; google.rpc.RetryInfo says when to retry. Also
+                      LoadAdapter when the adapter budget is full of pinned or busy adapters.
+  FAILED_PRECONDITION an adapter directory cannot be loaded (pickle-only weights, bad config)
+                      or the adapter's state forbids the call (e.g. already loading).
+  ALREADY_EXISTS      LoadAdapter names an adapter that is already loaded from another path.
   DEADLINE_EXCEEDED   the deadline passed before the request could run.
   UNAVAILABLE         the server is loading or draining.
   CANCELLED           the caller cancelled.
@@ -21,6 +25,7 @@ Errors use the standard gRPC status codes with google.rpc details (AIP-193):
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -73,6 +78,70 @@ FINISH_REASON_DEADLINE_EXCEEDED: FinishReason.ValueType  # 5
 FINISH_REASON_CONTEXT_LENGTH: FinishReason.ValueType  # 6
 """The model's context window is full."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _AdapterState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AdapterStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdapterState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ADAPTER_STATE_UNSPECIFIED: _AdapterState.ValueType  # 0
+    """Not set; never sent by the server."""
+    ADAPTER_STATE_LOADING: _AdapterState.ValueType  # 1
+    """Being read and attached; requests naming it wait (within their deadline) until READY."""
+    ADAPTER_STATE_READY: _AdapterState.ValueType  # 2
+    """Loaded; requests may name it."""
+    ADAPTER_STATE_FAILED: _AdapterState.ValueType  # 3
+    """Loading failed; Adapter.error says why. Requests naming it get NOT_FOUND."""
+    ADAPTER_STATE_UNLOADING: _AdapterState.ValueType  # 4
+    """Being unloaded (explicitly or evicted): new requests get NOT_FOUND while admitted ones finish."""
+
+class AdapterState(_AdapterState, metaclass=_AdapterStateEnumTypeWrapper):
+    """Where an adapter is in its lifecycle."""
+
+ADAPTER_STATE_UNSPECIFIED: AdapterState.ValueType  # 0
+"""Not set; never sent by the server."""
+ADAPTER_STATE_LOADING: AdapterState.ValueType  # 1
+"""Being read and attached; requests naming it wait (within their deadline) until READY."""
+ADAPTER_STATE_READY: AdapterState.ValueType  # 2
+"""Loaded; requests may name it."""
+ADAPTER_STATE_FAILED: AdapterState.ValueType  # 3
+"""Loading failed; Adapter.error says why. Requests naming it get NOT_FOUND."""
+ADAPTER_STATE_UNLOADING: AdapterState.ValueType  # 4
+"""Being unloaded (explicitly or evicted): new requests get NOT_FOUND while admitted ones finish."""
+Global___AdapterState: _TypeAlias = AdapterState  # noqa: Y015
+
+class _AdapterEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AdapterEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdapterEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ADAPTER_EVENT_KIND_UNSPECIFIED: _AdapterEventKind.ValueType  # 0
+    """Not set; never sent by the server."""
+    ADAPTER_EVENT_KIND_EXISTING: _AdapterEventKind.ValueType  # 1
+    """Part of the initial set: an adapter known when the watch started."""
+    ADAPTER_EVENT_KIND_SYNCED: _AdapterEventKind.ValueType  # 2
+    """The initial set is complete; `adapter` is unset. Changes follow."""
+    ADAPTER_EVENT_KIND_CHANGED: _AdapterEventKind.ValueType  # 3
+    """An adapter appeared or changed state (loading, ready, failed, unloading)."""
+    ADAPTER_EVENT_KIND_REMOVED: _AdapterEventKind.ValueType  # 4
+    """An adapter was removed (unloaded or evicted); `adapter` is its last known description."""
+
+class AdapterEventKind(_AdapterEventKind, metaclass=_AdapterEventKindEnumTypeWrapper):
+    """What a WatchAdaptersResponse reports."""
+
+ADAPTER_EVENT_KIND_UNSPECIFIED: AdapterEventKind.ValueType  # 0
+"""Not set; never sent by the server."""
+ADAPTER_EVENT_KIND_EXISTING: AdapterEventKind.ValueType  # 1
+"""Part of the initial set: an adapter known when the watch started."""
+ADAPTER_EVENT_KIND_SYNCED: AdapterEventKind.ValueType  # 2
+"""The initial set is complete; `adapter` is unset. Changes follow."""
+ADAPTER_EVENT_KIND_CHANGED: AdapterEventKind.ValueType  # 3
+"""An adapter appeared or changed state (loading, ready, failed, unloading)."""
+ADAPTER_EVENT_KIND_REMOVED: AdapterEventKind.ValueType  # 4
+"""An adapter was removed (unloaded or evicted); `adapter` is its last known description."""
+Global___AdapterEventKind: _TypeAlias = AdapterEventKind  # noqa: Y015
 
 @_typing.final
 class TokenIds(_message.Message):
@@ -1063,7 +1132,7 @@ Global___ListAdaptersRequest: _TypeAlias = ListAdaptersRequest  # noqa: Y015
 
 @_typing.final
 class Adapter(_message.Message):
-    """A loaded adapter."""
+    """An adapter the server knows: loaded, loading, failed or unloading."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1073,21 +1142,41 @@ class Adapter(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
     MIXED_BATCHING_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_REQUESTS_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use in GenerateRequest.adapter."""
     peft_type: _builtins.str
-    """The PEFT type, e.g. "LORA", "LOHA", "IA3"."""
+    """The PEFT type, e.g. "LORA", "LOHA", "IA3". Empty: not known (the load failed early)."""
     sha256: _builtins.str
-    """SHA-256 (hex) of the adapter's weights file."""
+    """SHA-256 (hex) of the adapter's weights file. Empty: not known (loading or failed early)."""
     rank: _builtins.int
-    """LoRA-style rank. Unset: the type has none."""
+    """LoRA-style rank. Unset: the type has none, or it is not known yet."""
     mixed_batching: _builtins.bool
     """True when requests for this adapter share batches with other adapters' requests; false
     when they run in batches of this adapter only (results are identical either way).
     """
+    state: Global___AdapterState.ValueType
+    """The lifecycle state. Servers before v1.1 do not send it (UNSPECIFIED): read it as READY."""
+    in_flight_requests: _builtins.int
+    """Requests naming this adapter that are admitted (queued or running) and not yet finished."""
+    pinned: _builtins.bool
+    """True: never evicted to make room for another adapter (UnloadAdapter still removes it)."""
+    path: _builtins.str
+    """The adapter's directory relative to the server's adapters root. Empty: not reported."""
+    error: _builtins.str
+    """Why loading failed, for ADAPTER_STATE_FAILED. Empty in every other state."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Module names the adapter modifies."""
+        """Module names the adapter modifies. Empty: not known yet."""
+
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp:
+        """When a request last named this adapter. Unset: never used since it was loaded."""
 
     def __init__(
         self,
@@ -1098,10 +1187,16 @@ class Adapter(_message.Message):
         rank: _builtins.int | None = ...,
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
         mixed_batching: _builtins.bool = ...,
+        state: Global___AdapterState.ValueType = ...,
+        in_flight_requests: _builtins.int = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        pinned: _builtins.bool = ...,
+        path: _builtins.str = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "rank", b"rank"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "last_used_time", b"last_used_time", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "mixed_batching", b"mixed_batching", "name", b"name", "peft_type", b"peft_type", "rank", b"rank", "sha256", b"sha256", "target_modules", b"target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "error", b"error", "in_flight_requests", b"in_flight_requests", "last_used_time", b"last_used_time", "mixed_batching", b"mixed_batching", "name", b"name", "path", b"path", "peft_type", b"peft_type", "pinned", b"pinned", "rank", b"rank", "sha256", b"sha256", "state", b"state", "target_modules", b"target_modules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
@@ -1118,7 +1213,7 @@ class ListAdaptersResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Adapter]:
-        """The loaded adapters, sorted by name."""
+        """The known adapters (every state), sorted by name."""
 
     def __init__(
         self,
@@ -1132,3 +1227,154 @@ class ListAdaptersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAdaptersResponse: _TypeAlias = ListAdaptersResponse  # noqa: Y015
+
+@_typing.final
+class LoadAdapterRequest(_message.Message):
+    """The request of LoadAdapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name requests will use: letters, digits, ".", "_", "-"; must not be empty."""
+    path: _builtins.str
+    """The adapter directory RELATIVE to the server's adapters root, e.g. "upper" or "team/v2".
+    Absolute paths, ".." components and symlinks that resolve outside the root are refused
+    (INVALID_ARGUMENT naming "path"). The directory needs adapter_config.json and
+    adapter_model.safetensors; pickle weights are never loaded. Empty: the same as `name`.
+    """
+    pin: _builtins.bool
+    """Protect the adapter from least-recently-used eviction. False: it may be evicted when the
+    adapter budget is full and it is idle.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+        pin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path", "pin", b"pin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterRequest: _TypeAlias = LoadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class LoadAdapterResponse(_message.Message):
+    """The response of LoadAdapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adapter(self) -> Global___Adapter:
+        """The loaded adapter, ADAPTER_STATE_READY, with its PEFT type, rank, targets and sha256."""
+
+    def __init__(
+        self,
+        *,
+        adapter: Global___Adapter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterResponse: _TypeAlias = LoadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterRequest(_message.Message):
+    """The request of UnloadAdapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The adapter to unload; must name a known adapter (else NOT_FOUND)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterRequest: _TypeAlias = UnloadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterResponse(_message.Message):
+    """The response of UnloadAdapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adapter(self) -> Global___Adapter:
+        """The adapter as it was just before removal (its last state, usage and sha256)."""
+
+    def __init__(
+        self,
+        *,
+        adapter: Global___Adapter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterResponse: _TypeAlias = UnloadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class WatchAdaptersRequest(_message.Message):
+    """The request of WatchAdapters; it takes no arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAdaptersRequest: _TypeAlias = WatchAdaptersRequest  # noqa: Y015
+
+@_typing.final
+class WatchAdaptersResponse(_message.Message):
+    """One message of a WatchAdapters stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    kind: Global___AdapterEventKind.ValueType
+    """What happened."""
+    @_builtins.property
+    def adapter(self) -> Global___Adapter:
+        """The adapter it happened to. Unset only for ADAPTER_EVENT_KIND_SYNCED."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___AdapterEventKind.ValueType = ...,
+        adapter: Global___Adapter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAdaptersResponse: _TypeAlias = WatchAdaptersResponse  # noqa: Y015

@@ -60,6 +60,21 @@ class GenerationServiceStub:
                 request_serializer=peftserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=peftserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/peftserve.v1.GenerationService/LoadAdapter',
+                request_serializer=peftserve_dot_v1_dot_generation__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_generation__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/peftserve.v1.GenerationService/UnloadAdapter',
+                request_serializer=peftserve_dot_v1_dot_generation__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_generation__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.WatchAdapters = channel.unary_stream(
+                '/peftserve.v1.GenerationService/WatchAdapters',
+                request_serializer=peftserve_dot_v1_dot_generation__pb2.WatchAdaptersRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_generation__pb2.WatchAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -100,7 +115,43 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """Lists the adapters that requests may name.
+        """Lists the adapters that requests may name, with their lifecycle state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """Loads an adapter from a directory under the server's adapters root and returns it READY.
+
+        Idempotent: loading a name again from the same path returns the loaded adapter (and
+        applies `pin`). A new adapter may evict the least recently used unpinned, idle adapter
+        when the server's adapter budget is full. A failed load leaves the adapter listed as
+        ADAPTER_STATE_FAILED with its error, and the call fails with the reason. When the server
+        has admin tokens configured this call needs one (`authorization: Bearer <admin token>`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Unloads an adapter.
+
+        Semantics: the adapter turns ADAPTER_STATE_UNLOADING at once, and from then on new requests
+        naming it get NOT_FOUND; the call then waits for the requests already admitted for it
+        (queued or running) to finish, then removes it. If the caller's deadline passes first, the
+        adapter returns to ADAPTER_STATE_READY and the call fails with DEADLINE_EXCEEDED: an unload
+        either completes or changes nothing. Pinned adapters can be unloaded (pins only protect
+        from eviction). Needs an admin token when the server has admin tokens configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAdapters(self, request, context):
+        """Streams adapter state changes: first one ADAPTER_EVENT_KIND_EXISTING message per adapter
+        known now, then one ADAPTER_EVENT_KIND_SYNCED marker, then a message per change until the
+        caller cancels or the server drains.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +184,21 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.ListAdapters,
                     request_deserializer=peftserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.FromString,
                     response_serializer=peftserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=peftserve_dot_v1_dot_generation__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_generation__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=peftserve_dot_v1_dot_generation__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_generation__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'WatchAdapters': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAdapters,
+                    request_deserializer=peftserve_dot_v1_dot_generation__pb2.WatchAdaptersRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_generation__pb2.WatchAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +337,87 @@ class GenerationService:
             '/peftserve.v1.GenerationService/ListAdapters',
             peftserve_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
             peftserve_dot_v1_dot_generation__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peftserve.v1.GenerationService/LoadAdapter',
+            peftserve_dot_v1_dot_generation__pb2.LoadAdapterRequest.SerializeToString,
+            peftserve_dot_v1_dot_generation__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peftserve.v1.GenerationService/UnloadAdapter',
+            peftserve_dot_v1_dot_generation__pb2.UnloadAdapterRequest.SerializeToString,
+            peftserve_dot_v1_dot_generation__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/peftserve.v1.GenerationService/WatchAdapters',
+            peftserve_dot_v1_dot_generation__pb2.WatchAdaptersRequest.SerializeToString,
+            peftserve_dot_v1_dot_generation__pb2.WatchAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,11 @@ Errors use the standard gRPC status codes with google.rpc details (AIP-193):
   INVALID_ARGUMENT    a field is invalid; google.rpc.BadRequest names each field path
                       (e.g. "parameters.top_p"), google.rpc.ErrorInfo gives a stable reason.
   NOT_FOUND           the named adapter is not loaded (never silently served by the base).
-  RESOURCE_EXHAUSTED  the request queue is full; google.rpc.RetryInfo says when to retry.
+  RESOURCE_EXHAUSTED  the request queue is full; google.rpc.RetryInfo says when to retry. Also
+                      LoadAdapter when the adapter budget is full of pinned or busy adapters.
+  FAILED_PRECONDITION an adapter directory cannot be loaded (pickle-only weights, bad config)
+                      or the adapter's state forbids the call (e.g. already loading).
+  ALREADY_EXISTS      LoadAdapter names an adapter that is already loaded from another path.
   DEADLINE_EXCEEDED   the deadline passed before the request could run.
   UNAVAILABLE         the server is loading or draining.
   CANCELLED           the caller cancelled.
@@ -63,7 +67,31 @@ class GenerationServiceStub:
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetModelInfoRequest, _generation_pb2.GetModelInfoResponse]
     """Describes the served model and the limits the server enforces."""
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListAdaptersRequest, _generation_pb2.ListAdaptersResponse]
-    """Lists the adapters that requests may name."""
+    """Lists the adapters that requests may name, with their lifecycle state."""
+    LoadAdapter: _grpc.UnaryUnaryMultiCallable[_generation_pb2.LoadAdapterRequest, _generation_pb2.LoadAdapterResponse]
+    """Loads an adapter from a directory under the server's adapters root and returns it READY.
+
+    Idempotent: loading a name again from the same path returns the loaded adapter (and
+    applies `pin`). A new adapter may evict the least recently used unpinned, idle adapter
+    when the server's adapter budget is full. A failed load leaves the adapter listed as
+    ADAPTER_STATE_FAILED with its error, and the call fails with the reason. When the server
+    has admin tokens configured this call needs one (`authorization: Bearer <admin token>`).
+    """
+    UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_generation_pb2.UnloadAdapterRequest, _generation_pb2.UnloadAdapterResponse]
+    """Unloads an adapter.
+
+    Semantics: the adapter turns ADAPTER_STATE_UNLOADING at once, and from then on new requests
+    naming it get NOT_FOUND; the call then waits for the requests already admitted for it
+    (queued or running) to finish, then removes it. If the caller's deadline passes first, the
+    adapter returns to ADAPTER_STATE_READY and the call fails with DEADLINE_EXCEEDED: an unload
+    either completes or changes nothing. Pinned adapters can be unloaded (pins only protect
+    from eviction). Needs an admin token when the server has admin tokens configured.
+    """
+    WatchAdapters: _grpc.UnaryStreamMultiCallable[_generation_pb2.WatchAdaptersRequest, _generation_pb2.WatchAdaptersResponse]
+    """Streams adapter state changes: first one ADAPTER_EVENT_KIND_EXISTING message per adapter
+    known now, then one ADAPTER_EVENT_KIND_SYNCED marker, then a message per change until the
+    caller cancels or the server drains.
+    """
 
 @_typing.type_check_only
 class GenerationServiceAsyncStub(GenerationServiceStub):
@@ -85,7 +113,31 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetModelInfoRequest, _generation_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the served model and the limits the server enforces."""
     ListAdapters: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListAdaptersRequest, _generation_pb2.ListAdaptersResponse]  # type: ignore[assignment]
-    """Lists the adapters that requests may name."""
+    """Lists the adapters that requests may name, with their lifecycle state."""
+    LoadAdapter: _aio.UnaryUnaryMultiCallable[_generation_pb2.LoadAdapterRequest, _generation_pb2.LoadAdapterResponse]  # type: ignore[assignment]
+    """Loads an adapter from a directory under the server's adapters root and returns it READY.
+
+    Idempotent: loading a name again from the same path returns the loaded adapter (and
+    applies `pin`). A new adapter may evict the least recently used unpinned, idle adapter
+    when the server's adapter budget is full. A failed load leaves the adapter listed as
+    ADAPTER_STATE_FAILED with its error, and the call fails with the reason. When the server
+    has admin tokens configured this call needs one (`authorization: Bearer <admin token>`).
+    """
+    UnloadAdapter: _aio.UnaryUnaryMultiCallable[_generation_pb2.UnloadAdapterRequest, _generation_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """Unloads an adapter.
+
+    Semantics: the adapter turns ADAPTER_STATE_UNLOADING at once, and from then on new requests
+    naming it get NOT_FOUND; the call then waits for the requests already admitted for it
+    (queued or running) to finish, then removes it. If the caller's deadline passes first, the
+    adapter returns to ADAPTER_STATE_READY and the call fails with DEADLINE_EXCEEDED: an unload
+    either completes or changes nothing. Pinned adapters can be unloaded (pins only protect
+    from eviction). Needs an admin token when the server has admin tokens configured.
+    """
+    WatchAdapters: _aio.UnaryStreamMultiCallable[_generation_pb2.WatchAdaptersRequest, _generation_pb2.WatchAdaptersResponse]  # type: ignore[assignment]
+    """Streams adapter state changes: first one ADAPTER_EVENT_KIND_EXISTING message per adapter
+    known now, then one ADAPTER_EVENT_KIND_SYNCED marker, then a message per change until the
+    caller cancels or the server drains.
+    """
 
 class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Text generation from a base model and its PEFT adapters."""
@@ -134,6 +186,48 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.ListAdaptersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.ListAdaptersResponse, _abc.Awaitable[_generation_pb2.ListAdaptersResponse]]:
-        """Lists the adapters that requests may name."""
+        """Lists the adapters that requests may name, with their lifecycle state."""
+
+    @_abc_1.abstractmethod
+    def LoadAdapter(
+        self,
+        request: _generation_pb2.LoadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.LoadAdapterResponse, _abc.Awaitable[_generation_pb2.LoadAdapterResponse]]:
+        """Loads an adapter from a directory under the server's adapters root and returns it READY.
+
+        Idempotent: loading a name again from the same path returns the loaded adapter (and
+        applies `pin`). A new adapter may evict the least recently used unpinned, idle adapter
+        when the server's adapter budget is full. A failed load leaves the adapter listed as
+        ADAPTER_STATE_FAILED with its error, and the call fails with the reason. When the server
+        has admin tokens configured this call needs one (`authorization: Bearer <admin token>`).
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadAdapter(
+        self,
+        request: _generation_pb2.UnloadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.UnloadAdapterResponse, _abc.Awaitable[_generation_pb2.UnloadAdapterResponse]]:
+        """Unloads an adapter.
+
+        Semantics: the adapter turns ADAPTER_STATE_UNLOADING at once, and from then on new requests
+        naming it get NOT_FOUND; the call then waits for the requests already admitted for it
+        (queued or running) to finish, then removes it. If the caller's deadline passes first, the
+        adapter returns to ADAPTER_STATE_READY and the call fails with DEADLINE_EXCEEDED: an unload
+        either completes or changes nothing. Pinned adapters can be unloaded (pins only protect
+        from eviction). Needs an admin token when the server has admin tokens configured.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchAdapters(
+        self,
+        request: _generation_pb2.WatchAdaptersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generation_pb2.WatchAdaptersResponse], _abc.AsyncIterator[_generation_pb2.WatchAdaptersResponse]]:
+        """Streams adapter state changes: first one ADAPTER_EVENT_KIND_EXISTING message per adapter
+        known now, then one ADAPTER_EVENT_KIND_SYNCED marker, then a message per change until the
+        caller cancels or the server drains.
+        """
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
