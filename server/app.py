@@ -10,18 +10,22 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from peftserve.v1 import generation_pb2, generation_pb2_grpc
 
+from .admin import ADMIN_METHOD_NAMES, MethodScopedTokenInterceptor
 from .auth import BearerTokenInterceptor, load_tokens
 from .config import ServerConfig, validate_security
 from .engine.engine import Engine
 from .engine.errors import EngineUnavailableError
-from .interceptor import ErrorMappingInterceptor
+from .interceptor import ErrorMappingInterceptor, RequestObserver
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
 from .servicer import GenerationServicer
 
 logger = logging.getLogger("peftserve.server")
@@ -42,8 +46,16 @@ class PeftServeServer:
         if problems:
             raise ValueError("; ".join(problems))
         self.health = health.aio.HealthServicer()
+        self.metrics: ServerMetrics | None = None
+        if config.metrics_address:
+            # Imported only when asked for: prometheus-client is needed for metrics alone.
+            from .metrics import ServerMetrics
+
+            # The engine is read through a lambda: it exists only once loading has finished.
+            self.metrics = ServerMetrics(lambda: self._engine)
+        self.metrics_port: int | None = None
         self.grpc_server = grpc.aio.server(
-            interceptors=_interceptors(config), options=_channel_options(config)
+            interceptors=_interceptors(config, self.metrics), options=_channel_options(config)
         )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.engine), self.grpc_server
@@ -78,6 +90,8 @@ class PeftServeServer:
         """Open the port now and load the model in the background."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.start()
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.start(self.config.metrics_address)
         logger.info("listening on port %d; loading the model", self.port)
         self._load_task = asyncio.create_task(self._load())
 
@@ -127,6 +141,8 @@ class PeftServeServer:
         await self.grpc_server.stop(min(grace, 1.0))
         if self._engine is not None:
             await self._engine.stop()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         self._state = "stopped"
         logger.info("stopped")
 
@@ -138,17 +154,32 @@ class PeftServeServer:
         await self.health.set(SERVICE_NAME, status)
 
 
-def _interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
-    """Auth first (when tokens are configured), so a rejected call reaches nothing else."""
+def _interceptors(
+    config: ServerConfig, observer: RequestObserver | None = None
+) -> list[grpc.aio.ServerInterceptor]:
+    """Auth first (when tokens are configured), so a rejected call reaches nothing else.
+
+    With admin tokens, LoadAdapter/UnloadAdapter are checked against those only, and every other
+    method against the caller tokens only (see admin.py).
+    """
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    public = (health.SERVICE_NAME, reflection.SERVICE_NAME)
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)
-    if tokens:
+    admin_tokens = load_tokens(config.admin_tokens_file, config.admin_tokens)
+    if tokens and admin_tokens:
         interceptors.append(
-            BearerTokenInterceptor(tokens, (health.SERVICE_NAME, reflection.SERVICE_NAME))
+            MethodScopedTokenInterceptor(tokens, public, SERVICE_NAME, skip=ADMIN_METHOD_NAMES)
         )
-        if config.tls_cert_file is None and not _is_loopback(config.address):
-            logger.warning("bearer tokens are enabled without TLS: they cross the network in clear")
-    interceptors.append(ErrorMappingInterceptor(f"/{SERVICE_NAME}/"))
+    elif tokens:
+        interceptors.append(BearerTokenInterceptor(tokens, public))
+    if admin_tokens:
+        interceptors.append(
+            MethodScopedTokenInterceptor(admin_tokens, (), SERVICE_NAME, only=ADMIN_METHOD_NAMES)
+        )
+    plaintext = config.tls_cert_file is None and not _is_loopback(config.address)
+    if (tokens or admin_tokens) and plaintext:
+        logger.warning("bearer tokens are enabled without TLS: they cross the network in clear")
+    interceptors.append(ErrorMappingInterceptor(f"/{SERVICE_NAME}/", observer))
     return interceptors
 
 

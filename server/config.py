@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .admin import ADMIN_TOKENS_ENV
 from .auth import AUTH_TOKENS_ENV, parse_token_list, read_tokens_file, token_problem
 from .engine.config import EngineConfig
 
@@ -55,6 +56,12 @@ class ServerConfig:
     # deliberately no flag). None configured = no token auth.
     auth_tokens_file: Path | None = None
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Admin tokens for LoadAdapter/UnloadAdapter: the file's plus ``admin_tokens``
+    # (PEFTSERVE_ADMIN_TOKENS, no flag). None configured = those RPCs follow the caller auth.
+    admin_tokens_file: Path | None = None
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # host:port of the Prometheus /metrics HTTP endpoint; "" = no metrics endpoint.
+    metrics_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,21 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("engine", "max_stop_sequences", "most stop sequences per request"),
     _Option("engine", "max_stop_sequence_length", "longest stop sequence, in characters"),
     _Option("engine", "max_top_logprobs", "largest options.top_logprobs"),
+    _Option(
+        "engine",
+        "max_loaded_adapters",
+        "most adapters loaded at once, least recently used idle ones evicted (0 = unlimited)",
+    ),
+    _Option(
+        "engine",
+        "pinned_adapters",
+        "comma-separated adapters (subdirectories of --adapters-dir) never evicted",
+    ),
+    _Option(
+        "engine",
+        "lazy_load_adapters",
+        "load a subdirectory of --adapters-dir when a request first names it (true/false)",
+    ),
     _Option("engine", "max_constraints", "most bad_words / sequence_bias entries per request"),
     _Option("engine", "max_constraint_length", "longest bad word or biased text, in characters"),
     _Option("server", "max_receive_message_bytes", "largest gRPC message accepted, in bytes"),
@@ -116,6 +138,17 @@ _OPTIONS: tuple[_Option, ...] = (
         "server",
         "auth_tokens_file",
         f"file of accepted bearer tokens, one per line (also: {AUTH_TOKENS_ENV}, comma-separated)",
+    ),
+    _Option(
+        "server",
+        "admin_tokens_file",
+        "file of admin bearer tokens required by LoadAdapter/UnloadAdapter, one per line "
+        f"(also: {ADMIN_TOKENS_ENV}, comma-separated)",
+    ),
+    _Option(
+        "server",
+        "metrics_address",
+        "host:port of the Prometheus /metrics endpoint, e.g. 127.0.0.1:9464 (empty: off)",
     ),
 )
 
@@ -148,7 +181,14 @@ def _base_type(annotation: str) -> str:
 
 def _parser_for(annotation: str) -> Any:
     """Turn a field's (string) annotation into a value parser for argparse."""
-    parsers = {"int": int, "float": float, "str": str, "Path": Path, "bool": _parse_bool}
+    parsers = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "Path": Path,
+        "bool": _parse_bool,
+        "tuple[str, ...]": parse_token_list,  # comma-separated
+    }
     return parsers[_base_type(annotation)]
 
 
@@ -218,6 +258,7 @@ def config_from_args(
     config = ServerConfig(
         engine=EngineConfig(**engine_kwargs),
         auth_tokens=parse_token_list(env.get(AUTH_TOKENS_ENV, "")),
+        admin_tokens=parse_token_list(env.get(ADMIN_TOKENS_ENV, "")),
         **server_kwargs,
     )
     problems = validate_config(config)
@@ -243,6 +284,16 @@ def validate_config(config: ServerConfig) -> list[str]:
         problems.append("--max-wait-ms must be >= 0")
     if config.shutdown_grace_s < 0:
         problems.append("--shutdown-grace-s must be >= 0")
+    if engine.max_loaded_adapters < 0:
+        problems.append("--max-loaded-adapters must be >= 0")
+    elif 0 < engine.max_loaded_adapters < len(engine.pinned_adapters):
+        problems.append("--pinned-adapters names more adapters than --max-loaded-adapters")
+    if engine.pinned_adapters and engine.adapters_dir is not None:
+        missing = [n for n in engine.pinned_adapters if not (engine.adapters_dir / n).is_dir()]
+        if missing:
+            problems.append(f"--pinned-adapters not in --adapters-dir: {', '.join(missing)}")
+    if config.metrics_address and ":" not in config.metrics_address:
+        problems.append(f"--metrics-address {config.metrics_address!r} must be host:port")
     problems.extend(validate_security(config))
     return problems
 
@@ -259,6 +310,7 @@ def validate_security(config: ServerConfig) -> list[str]:
         "--tls-key-file": config.tls_key_file,
         "--tls-client-ca-file": config.tls_client_ca_file,
         "--auth-tokens-file": config.auth_tokens_file,
+        "--admin-tokens-file": config.admin_tokens_file,
     }
     for flag, path in files.items():
         if path is not None and not path.is_file():
@@ -287,6 +339,16 @@ def validate_security(config: ServerConfig) -> list[str]:
                 # An empty file must not silently mean "auth off".
                 problems.append(f"--auth-tokens-file {config.auth_tokens_file} holds no tokens")
             tokens.extend(from_file)
+    if config.admin_tokens_file is not None and config.admin_tokens_file.is_file():
+        try:
+            admin_from_file = read_tokens_file(config.admin_tokens_file)
+        except (OSError, UnicodeError) as err:
+            problems.append(f"--admin-tokens-file {config.admin_tokens_file}: {err}")
+        else:
+            if not admin_from_file:
+                problems.append(f"--admin-tokens-file {config.admin_tokens_file} holds no tokens")
+            tokens.extend(admin_from_file)
+    tokens.extend(config.admin_tokens)
     token_problems = {p for p in map(token_problem, tokens) if p is not None}
     problems.extend(f"auth tokens: {p}" for p in sorted(token_problems))
     return problems

@@ -15,7 +15,10 @@ from peftserve.v1 import generation_pb2 as pb
 
 from .engine.errors import InvalidRequestError
 from .engine.types import (
-    AdapterInfo,
+    AdapterEvent,
+    AdapterEventKind,
+    AdapterState,
+    AdapterStatus,
     EffectiveParams,
     FinishReason,
     GenerationParams,
@@ -269,17 +272,55 @@ def model_info_response(info: ModelInfo) -> pb.GetModelInfoResponse:
     return response
 
 
-def adapters_response(adapters: list[AdapterInfo]) -> pb.ListAdaptersResponse:
-    response = pb.ListAdaptersResponse()
-    for adapter in sorted(adapters, key=lambda a: a.name):
-        message = pb.Adapter(
-            name=adapter.name,
-            peft_type=adapter.peft_type,
-            sha256=adapter.sha256,
-            target_modules=list(adapter.target_modules),
-            mixed_batching=adapter.mixed_batching,
-        )
-        if adapter.rank is not None:
-            message.rank = adapter.rank
-        response.adapters.append(message)
-    return response
+_ADAPTER_STATES: dict[AdapterState, pb.AdapterState.ValueType] = {
+    AdapterState.LOADING: pb.ADAPTER_STATE_LOADING,
+    AdapterState.READY: pb.ADAPTER_STATE_READY,
+    AdapterState.FAILED: pb.ADAPTER_STATE_FAILED,
+    AdapterState.UNLOADING: pb.ADAPTER_STATE_UNLOADING,
+}
+
+_ADAPTER_EVENT_KINDS: dict[AdapterEventKind, pb.AdapterEventKind.ValueType] = {
+    AdapterEventKind.CHANGED: pb.ADAPTER_EVENT_KIND_CHANGED,
+    AdapterEventKind.REMOVED: pb.ADAPTER_EVENT_KIND_REMOVED,
+}
+
+
+def adapter_message(status: AdapterStatus) -> pb.Adapter:
+    """One known adapter; type, rank, targets and sha256 only once it has been inspected."""
+    message = pb.Adapter(
+        name=status.name,
+        state=_ADAPTER_STATES[status.state],
+        in_flight_requests=status.in_flight,
+        pinned=status.pinned,
+        path=status.path,
+        error=status.error,
+    )
+    info = status.info
+    if info is not None:
+        message.peft_type = info.peft_type
+        message.sha256 = info.sha256
+        message.target_modules.extend(info.target_modules)
+        message.mixed_batching = info.mixed_batching
+        if info.rank is not None:
+            message.rank = info.rank
+    if status.last_used is not None:
+        message.last_used_time.FromNanoseconds(int(status.last_used * 1e9))
+    return message
+
+
+def adapters_response(adapters: list[AdapterStatus]) -> pb.ListAdaptersResponse:
+    return pb.ListAdaptersResponse(
+        adapters=[adapter_message(a) for a in sorted(adapters, key=lambda a: a.name)]
+    )
+
+
+def adapter_event(event: AdapterEvent) -> pb.WatchAdaptersResponse:
+    return pb.WatchAdaptersResponse(
+        kind=_ADAPTER_EVENT_KINDS[event.kind], adapter=adapter_message(event.status)
+    )
+
+
+def existing_adapter_event(status: AdapterStatus) -> pb.WatchAdaptersResponse:
+    return pb.WatchAdaptersResponse(
+        kind=pb.ADAPTER_EVENT_KIND_EXISTING, adapter=adapter_message(status)
+    )

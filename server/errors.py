@@ -15,8 +15,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .engine.errors import (
+    AdapterBudgetError,
+    AdapterExistsError,
     AdapterLoadError,
     AdapterNotFoundError,
+    AdapterStateError,
     BatchOutOfMemoryError,
     DeadlineExceededError,
     EngineUnavailableError,
@@ -38,6 +41,9 @@ _CODES: tuple[tuple[type[PeftServeError], grpc.StatusCode], ...] = (
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (RequestCancelledError, grpc.StatusCode.CANCELLED),
     (AdapterLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterStateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (AdapterBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 
@@ -89,6 +95,22 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
             _pack(
                 error_details_pb2.ResourceInfo(
                     resource_type="adapter", resource_name=error.adapter, description=error.message
+                )
+            )
+        )
+    elif isinstance(error, AdapterLoadError):
+        # FAILED_PRECONDITION's detail per AIP-193; the subject is the request field at fault
+        # (LoadAdapter's "path") when the caller chose the directory, else the adapter.
+        details.append(
+            _pack(
+                error_details_pb2.PreconditionFailure(
+                    violations=[
+                        error_details_pb2.PreconditionFailure.Violation(
+                            type="ADAPTER_DIRECTORY",
+                            subject=error.field or f"adapter/{error.adapter}",
+                            description=error.detail,
+                        )
+                    ]
                 )
             )
         )

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -37,6 +37,14 @@ class RequestRecord:
     queue_wait_ms: float = 0.0
     inference_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestObserver(Protocol):
+    """Told when each RPC starts and ends (metrics); called on the event loop."""
+
+    def started(self, entry: RequestRecord) -> None: ...
+
+    def finished(self, entry: RequestRecord, status: str) -> None: ...
 
 
 current_record: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
@@ -93,8 +101,9 @@ def _status_name(error: BaseException) -> str:
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every peftserve handler (health and reflection pass through untouched)."""
 
-    def __init__(self, service_prefix: str) -> None:
+    def __init__(self, service_prefix: str, observer: RequestObserver | None = None) -> None:
         self._prefix = service_prefix
+        self._observer = observer
 
     async def intercept_service(
         self,
@@ -108,13 +117,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         short_name = method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, short_name),
+                _wrap_unary(handler.unary_unary, short_name, self._observer),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, short_name),
+                _wrap_stream(handler.unary_stream, short_name, self._observer),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -127,10 +136,14 @@ def _reset(token: contextvars.Token[RequestRecord | None]) -> None:
         current_record.reset(token)
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_unary(
+    behavior: Callable[..., Any], method: str, observer: RequestObserver | None
+) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         entry = RequestRecord(method=method)
         token = current_record.set(entry)
+        if observer is not None:
+            observer.started(entry)
         started = time.perf_counter()
         status = "OK"
         try:
@@ -146,15 +159,21 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
             await _abort(context, error, entry)
         finally:
             _log(entry, status, started)
+            if observer is not None:
+                observer.finished(entry, status)
             _reset(token)
 
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+def _wrap_stream(
+    behavior: Callable[..., AsyncIterator[Any]], method: str, observer: RequestObserver | None
+) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         entry = RequestRecord(method=method)
         token = current_record.set(entry)
+        if observer is not None:
+            observer.started(entry)
         started = time.perf_counter()
         status = "OK"
         try:
@@ -171,6 +190,8 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
             await _abort(context, error, entry)
         finally:
             _log(entry, status, started)
+            if observer is not None:
+                observer.finished(entry, status)
             _reset(token)
 
     return wrapper

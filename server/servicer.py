@@ -18,7 +18,7 @@ from peftserve.v1 import generation_pb2_grpc as pb_grpc
 from . import convert
 from .engine.engine import Engine, RequestHandle
 from .engine.errors import DeadlineExceededError, InvalidRequestError
-from .engine.types import GenerationRequest, GenerationResult
+from .engine.types import AdapterEvent, GenerationRequest, GenerationResult
 from .interceptor import record
 
 
@@ -59,7 +59,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         engine_request = self._request(request, context)
-        handle = self._engine().submit(engine_request, stream=False)
+        engine = self._engine()
+        await engine.await_adapter(engine_request.adapter, engine_request.deadline)
+        handle = engine.submit(engine_request, stream=False)
         result = await _until_done(handle, handle.result())
         self._record(result)
         return convert.generate_response(result, engine_request.options)
@@ -67,10 +69,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def StreamGenerate(  # noqa: N802
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        started = time.perf_counter()
+        entry = record()
         engine_request = self._request(request, context)
-        handle = self._engine().submit(engine_request, stream=True)
+        engine = self._engine()
+        await engine.await_adapter(engine_request.adapter, engine_request.deadline)
+        handle = engine.submit(engine_request, stream=True)
         try:
             async for events in handle.event_batches():
+                if "ttft_ms" not in entry.extra:
+                    # Time to first token as the caller sees it: queue, prefill, first step.
+                    entry.extra["ttft_ms"] = round((time.perf_counter() - started) * 1000, 2)
                 for message in convert.stream_deltas(
                     handle.request_id, events, engine_request.options
                 ):
@@ -99,7 +108,44 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def ListAdapters(  # noqa: N802
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
-        return convert.adapters_response(self._engine().adapters())
+        return convert.adapters_response(self._engine().adapter_statuses())
+
+    async def LoadAdapter(  # noqa: N802
+        self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadAdapterResponse:
+        record().adapter = request.name
+        status = await self._engine().load_adapter(request.name, request.path, request.pin)
+        return pb.LoadAdapterResponse(adapter=convert.adapter_message(status))
+
+    async def UnloadAdapter(  # noqa: N802
+        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
+        record().adapter = request.name
+        if not request.name:
+            raise InvalidRequestError.single("name", "must not be empty")
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        status = await self._engine().unload_adapter(request.name, deadline)
+        return pb.UnloadAdapterResponse(adapter=convert.adapter_message(status))
+
+    async def WatchAdapters(  # noqa: N802
+        self, request: pb.WatchAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchAdaptersResponse]:
+        engine = self._engine()
+        # Unbounded on purpose: adapter changes are rare admin actions, and a bounded queue
+        # would have to drop changes, which a watcher could never notice.
+        changes: asyncio.Queue[AdapterEvent] = asyncio.Queue()
+        # Subscribe before taking the snapshot (both on the loop thread, nothing in between):
+        # every change after the snapshot is then in the queue.
+        unsubscribe = engine.subscribe_adapters(changes.put_nowait)
+        try:
+            for status in engine.adapter_statuses():
+                yield convert.existing_adapter_event(status)
+            yield pb.WatchAdaptersResponse(kind=pb.ADAPTER_EVENT_KIND_SYNCED)
+            while True:
+                yield convert.adapter_event(await changes.get())
+        finally:
+            unsubscribe()
 
 
 async def _until_done(

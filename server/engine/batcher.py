@@ -23,12 +23,14 @@ Sampling parameters, seeds, ``num_return_sequences`` without beams, stop sequenc
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,6 +47,15 @@ from .runner import Batch, BatchKey, ModelRunner
 from .types import FinishReason, GenerationResult, SequenceResult
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _TasksPending:
+    """Returned by ``_next_batch`` when work between batches (adapter loads) is waiting."""
+
+
+_TASKS_PENDING = _TasksPending()
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,9 @@ class Batcher:
         self._admitting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Work that must not overlap a batch (attaching/detaching adapters to a PeftModel the
+        # running batch may be using); the worker runs it before forming the next batch.
+        self._tasks: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
 
     # ---- lifecycle (event-loop thread) ----
     def start(self) -> None:
@@ -157,10 +171,36 @@ class Batcher:
             )
 
     # ---- worker thread ----
+    def run_between_batches(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the worker thread when no batch is running; a future of its result.
+
+        Before the worker starts (or after it stopped) nothing can be running, so ``fn`` runs
+        right here.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cond:
+            thread = self._thread
+            if thread is not None and thread.is_alive() and not self._stopping:
+                self._tasks.append((fn, future))
+                self._cond.notify_all()
+                return future
+        _run_task(fn, future)
+        return future
+
+    def _run_tasks(self) -> None:
+        with self._cond:
+            tasks, self._tasks = self._tasks, []
+        for fn, future in tasks:
+            _run_task(fn, future)
+
     def _work(self) -> None:
         while True:
+            self._run_tasks()
             batch = self._next_batch()
+            if isinstance(batch, _TasksPending):
+                continue
             if batch is None:
+                self._run_tasks()  # nothing runs any more: finish what was handed over
                 return
             started = time.monotonic()
             try:
@@ -213,12 +253,14 @@ class Batcher:
                     ),
                 )
 
-    def _next_batch(self) -> Batch | None:
+    def _next_batch(self) -> Batch | _TasksPending | None:
         max_wait_s = self._config.max_wait_ms / 1000.0
         with self._cond:
             while True:
                 if self._stopping:
                     return None
+                if self._tasks:
+                    return _TASKS_PENDING
                 self._expire_queued_locked()
                 if not self._queue:
                     self._cond.wait(timeout=self._nearest_deadline_wait())
@@ -354,3 +396,12 @@ class Batcher:
             inference_ms=(now - started) * 1000.0 if job.started_at is not None else 0.0,
             batch_size=job.batch_size,
         )
+
+
+def _run_task(fn: Callable[[], T], future: concurrent.futures.Future[T]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as error:  # handed to the waiting caller, never raised here
+        future.set_exception(error)

@@ -42,3 +42,11 @@ class EngineConfig:
     # most max_constraint_length characters (each entry becomes a logits-processor rule).
     max_constraints: int = 64
     max_constraint_length: int = 128
+    # Adapter lifecycle. Most adapters loaded at once (0 = unlimited); beyond it the least
+    # recently used idle, unpinned adapter is evicted to make room.
+    max_loaded_adapters: int = 0
+    # Adapters (names of subdirectories of ``adapters_dir``) loaded at startup and never evicted.
+    pinned_adapters: tuple[str, ...] = ()
+    # Load a subdirectory of ``adapters_dir`` the first time a request names it. Off: a name
+    # that is not loaded is NOT_FOUND, full stop.
+    lazy_load_adapters: bool = False

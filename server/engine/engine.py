@@ -3,6 +3,10 @@
 ``Engine.__init__`` loads synchronously (the server runs it in ``asyncio.to_thread``);
 ``start`` binds the engine to the running event loop and starts the worker thread. ``submit``
 runs on the loop thread: it validates and enqueues without ever waiting on the model.
+
+Adapter lifecycle (``load_adapter``, ``unload_adapter``, ``await_adapter``) runs on the loop
+thread too: bookkeeping there, file reading and hashing in a thread, and the ``PeftModel``
+mutation itself on the worker thread between batches (``Batcher.run_between_batches``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import asyncio
 import copy
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -19,11 +25,35 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from .batcher import Batcher, EngineStats
 from .config import EngineConfig
 from .detokenize import Decoder
-from .errors import DeadlineExceededError, EngineUnavailableError
+from .errors import (
+    AdapterBudgetError,
+    AdapterExistsError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    DeadlineExceededError,
+    EngineUnavailableError,
+)
 from .handle import Job, RequestHandle
-from .registry import AdapterRegistry
+from .registry import (
+    ADAPTER_NAME_PATTERN,
+    CONFIG_FILE,
+    AdapterListener,
+    AdapterRegistry,
+    check_adapter_name,
+    inspect_adapter,
+    resolve_adapter_dir,
+)
 from .runner import BatchKey, ModelRunner
-from .types import AdapterInfo, EngineLimits, GenerationRequest, ModelInfo, TokenizeResult
+from .types import (
+    AdapterInfo,
+    AdapterState,
+    AdapterStatus,
+    EngineLimits,
+    GenerationRequest,
+    ModelInfo,
+    TokenizeResult,
+)
 from .validation import ValidationContext, prepare
 
 logger = logging.getLogger(__name__)
@@ -72,7 +102,15 @@ class Engine:
         # config so generate() adds nothing of its own to a batch.
         self._defaults: GenerationConfig = copy.deepcopy(base.generation_config)
         base.generation_config = GenerationConfig()
-        self._registry = AdapterRegistry(base, config.adapters_dir)
+        self._registry = AdapterRegistry(
+            base,
+            config.adapters_dir,
+            pinned=config.pinned_adapters,
+            max_loaded=config.max_loaded_adapters,
+        )
+        # Loads in progress by adapter name; requests and LoadAdapter calls await them.
+        self._loads: dict[str, asyncio.Future[AdapterStatus]] = {}
+        self._load_tasks: set[asyncio.Task[None]] = set()
 
         text_config = base.config.get_text_config()
         context_length = int(
@@ -137,7 +175,16 @@ class Engine:
         return self._registry
 
     def adapters(self) -> list[AdapterInfo]:
+        """The adapters requests may name now (READY)."""
         return self._registry.infos()
+
+    def adapter_statuses(self) -> list[AdapterStatus]:
+        """Every known adapter in any state, by name."""
+        return self._registry.statuses()
+
+    def subscribe_adapters(self, listener: AdapterListener) -> Callable[[], None]:
+        """Call ``listener`` (on the loop thread) on every adapter state change."""
+        return self._registry.subscribe(listener)
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -192,7 +239,188 @@ class Engine:
         job = Job(prepared, handle, loop)
         holder.append(job)
         batcher.admit(job)
+        if prepared.adapter is not None:
+            # Counted from admission to outcome, so unload and eviction wait for queued work too.
+            name = prepared.adapter.name
+            self._registry.acquire(name)
+            handle.add_done_callback(lambda: self._registry.release(name))
         return handle
+
+    # ---- adapter lifecycle (loop thread) ----
+    def _adapters_root(self) -> Path:
+        root = self._config.adapters_dir
+        if root is None:
+            raise AdapterStateError("the server has no adapters root (--adapters-dir)")
+        return root
+
+    async def load_adapter(self, name: str, path: str = "", pin: bool = False) -> AdapterStatus:
+        """Load ``path`` (relative to the adapters root; default ``name``) as ``name``.
+
+        Idempotent for the same name and path (a ``pin`` is applied). Raises
+        ``InvalidRequestError`` (field ``name``/``path``), ``AdapterLoadError`` (the directory
+        is unusable; the adapter is then FAILED), ``AdapterExistsError``,
+        ``AdapterStateError`` (unloading) or ``AdapterBudgetError``.
+        """
+        if self._loop is None or self._closed:
+            raise EngineUnavailableError("the engine is not running")
+        check_adapter_name(name, "name")
+        root = self._adapters_root()
+        directory = resolve_adapter_dir(root, path or name, "path")
+        relative = directory.relative_to(root.resolve()).as_posix()
+        existing = self._registry.entry(name)
+        if existing is not None and existing.state is not AdapterState.FAILED:
+            if existing.path != relative:
+                raise AdapterExistsError(
+                    f"adapter {name!r} is already loaded from {existing.path!r}; unload it first"
+                )
+            if existing.state is AdapterState.UNLOADING:
+                raise AdapterStateError(f"adapter {name!r} is being unloaded; retry afterwards")
+            if existing.state is AdapterState.LOADING:
+                status = await asyncio.shield(self._loads[name])
+            else:
+                status = existing
+            if pin and not status.pinned:
+                status = self._registry.set_state(name, status.state, pinned=True)
+            return status
+        return await asyncio.shield(self._start_load(name, directory, relative, pin))
+
+    def _start_load(
+        self, name: str, directory: Path, relative: str, pin: bool
+    ) -> asyncio.Future[AdapterStatus]:
+        """Claim budget room and start loading in a task of its own (a caller that gives up
+        does not leave a half-loaded adapter behind)."""
+        assert self._loop is not None
+        budget = self._config.max_loaded_adapters
+        victim: str | None = None
+        if budget and self._registry.occupying() >= budget:
+            victim = self._registry.eviction_candidate()
+            if victim is None:
+                raise AdapterBudgetError(
+                    f"the adapter budget ({budget}) is full of pinned or busy adapters; "
+                    "unload one or retry when one is idle"
+                )
+            self._registry.set_state(victim, AdapterState.UNLOADING)
+        future: asyncio.Future[AdapterStatus] = self._loop.create_future()
+        self._loads[name] = future
+        self._registry.set_state(name, AdapterState.LOADING, path=relative, pinned=pin)
+        task = asyncio.create_task(self._load(name, directory, victim, future))
+        self._load_tasks.add(task)
+        task.add_done_callback(self._load_tasks.discard)
+        return future
+
+    async def _load(
+        self,
+        name: str,
+        directory: Path,
+        victim: str | None,
+        future: asyncio.Future[AdapterStatus],
+    ) -> None:
+        try:
+            if victim is not None:
+                logger.info("evicting adapter %s (least recently used) to load %s", victim, name)
+                await self._detach(victim)
+            root = self._adapters_root()
+            info = await asyncio.to_thread(inspect_adapter, directory, name, root, "path")
+            await asyncio.wrap_future(
+                self._batcher.run_between_batches(lambda: self._registry.attach(info))
+            )
+        except AdapterLoadError as error:
+            logger.error("%s", error.message)
+            self._registry.load_errors[name] = error
+            self._registry.set_state(name, AdapterState.FAILED, error=error.detail)
+            future.set_exception(error)
+            future.exception()  # retrieved: nobody may be waiting, and that is fine
+        except BaseException as error:
+            wrapped = AdapterLoadError(name, f"{type(error).__name__}: {error}")
+            self._registry.set_state(name, AdapterState.FAILED, error=wrapped.detail)
+            future.set_exception(wrapped)
+            future.exception()
+            if not isinstance(error, Exception):
+                raise
+        else:
+            logger.info("loaded adapter %s (%s, sha256 %s)", name, info.peft_type, info.sha256)
+            future.set_result(self._registry.set_state(name, AdapterState.READY, info=info))
+        finally:
+            self._loads.pop(name, None)
+
+    async def _detach(self, name: str) -> AdapterStatus | None:
+        await asyncio.wrap_future(
+            self._batcher.run_between_batches(lambda: self._registry.detach(name))
+        )
+        return self._registry.remove(name)
+
+    async def unload_adapter(self, name: str, deadline: float | None = None) -> AdapterStatus:
+        """Unload ``name``: refuse new requests for it, wait for admitted ones, remove it.
+
+        ``deadline`` (``time.monotonic()``) bounds the wait; when it passes the adapter is
+        READY again and ``DeadlineExceededError`` is raised, so an unload is all or nothing.
+        """
+        status = self._registry.entry(name)
+        if status is None:
+            raise AdapterNotFoundError(name, self._registry.names())
+        if status.state is AdapterState.LOADING:
+            raise AdapterStateError(f"adapter {name!r} is still loading; retry when it is READY")
+        if status.state is AdapterState.UNLOADING:
+            raise AdapterStateError(f"adapter {name!r} is already being unloaded")
+        if status.state is AdapterState.FAILED:
+            self._registry.load_errors.pop(name, None)
+            return self._registry.remove(name) or status
+        self._registry.set_state(name, AdapterState.UNLOADING)
+        try:
+            while (current := self._registry.entry(name)) is not None and current.in_flight > 0:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceededError(
+                        f"adapter {name!r} still had {current.in_flight} request(s) in flight "
+                        "at the deadline; it stays loaded"
+                    )
+                await asyncio.sleep(0.01)
+        except BaseException:
+            self._registry.set_state(name, AdapterState.READY)
+            raise
+        last = self._registry.entry(name) or status
+        await self._detach(name)
+        logger.info("unloaded adapter %s", name)
+        return last
+
+    async def await_adapter(self, name: str, deadline: float | None = None) -> None:
+        """Before ``submit``: wait (within ``deadline``) for ``name`` if it is loading, and
+        lazily start loading it when lazy loading is on and it is a subdirectory of the root.
+
+        Anything else returns at once and ``submit`` decides (NOT_FOUND for unknown names).
+        """
+        if not name:
+            return
+        status = self._registry.entry(name)
+        if status is None and self._lazy_loadable(name):
+            root = self._adapters_root()
+            self._start_load(name, resolve_adapter_dir(root, name), name, pin=False)
+            status = self._registry.entry(name)
+        if status is None or status.state is not AdapterState.LOADING:
+            return
+        future = self._loads.get(name)
+        if future is None:
+            return
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"the deadline passed while adapter {name!r} was loading"
+            ) from None
+
+    def _lazy_loadable(self, name: str) -> bool:
+        """Fail closed: only plain names of existing adapter directories inside the root."""
+        root = self._config.adapters_dir
+        if not self._config.lazy_load_adapters or root is None:
+            return False
+        if not ADAPTER_NAME_PATTERN.fullmatch(name):
+            return False
+        candidate = root / name
+        try:
+            inside = candidate.resolve().is_relative_to(root.resolve())
+        except OSError:
+            return False
+        return inside and (candidate / CONFIG_FILE).is_file()
 
     async def _wait_idle(self, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s

@@ -93,13 +93,38 @@ class RequestCancelledError(PeftServeError):
 
 
 class AdapterLoadError(PeftServeError):
-    """An adapter directory could not be loaded (bad path, pickle weights, peft failure)."""
+    """An adapter directory could not be loaded (bad path, pickle weights, peft failure).
+
+    ``field`` names the request field at fault when a caller chose the directory (LoadAdapter's
+    ``path``); the server reports it as a ``PreconditionFailure`` violation subject.
+    """
 
     reason = "ADAPTER_LOAD_FAILED"
 
-    def __init__(self, adapter: str, message: str) -> None:
+    def __init__(self, adapter: str, message: str, field: str = "") -> None:
         self.adapter = adapter
+        self.detail = message
+        self.field = field
         super().__init__(f"adapter {adapter!r} could not be loaded: {message}")
+
+
+class AdapterStateError(PeftServeError):
+    """The adapter's lifecycle state forbids the call, e.g. unloading one that is still loading
+    (gRPC FAILED_PRECONDITION)."""
+
+    reason = "ADAPTER_STATE_CONFLICT"
+
+
+class AdapterExistsError(PeftServeError):
+    """LoadAdapter names a loaded adapter with a different path (gRPC ALREADY_EXISTS)."""
+
+    reason = "ADAPTER_EXISTS"
+
+
+class AdapterBudgetError(PeftServeError):
+    """The adapter budget is full and nothing can be evicted (gRPC RESOURCE_EXHAUSTED)."""
+
+    reason = "ADAPTER_BUDGET_EXHAUSTED"
 
 
 class BatchOutOfMemoryError(PeftServeError):

@@ -100,6 +100,10 @@ class RequestHandle:
         if error is not None:
             raise error
 
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the loop thread once the request has its outcome (any kind)."""
+        self._future.add_done_callback(lambda _future: callback())
+
     async def result(self) -> GenerationResult:
         # shield: a caller's task being cancelled must not cancel the shared future.
         return await asyncio.shield(self._future)

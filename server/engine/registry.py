@@ -10,6 +10,12 @@ Why ``mixed_batching``: peft's ``adapter_names=`` routes each row of a batch thr
 adapter. It was measured to give rows identical to solo runs for plain LoRA (including
 "__base__" rows), while for IA3 it is silently ignored. Only plain LoRA adapters (no DoRA,
 no aLoRA) are therefore mixed in one batch; every other adapter runs in batches of its own.
+
+Lifecycle: besides the loaded adapters the registry keeps one ``_Entry`` per known adapter
+(state, pin, in-flight count, last use) for ``Engine.load_adapter``/``unload_adapter``. Only
+``attach``/``detach`` touch a ``PeftModel``, and the engine runs them on its worker thread
+between batches (see docs/engine.md); ``_lock`` guards the dictionaries, which the event loop,
+the worker and the metrics thread all read.
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ import hashlib
 import itertools
 import json
 import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from peft import PeftModel
 
-from .errors import AdapterLoadError
-from .types import AdapterInfo
+from .errors import AdapterLoadError, InvalidRequestError
+from .types import AdapterEvent, AdapterEventKind, AdapterInfo, AdapterState, AdapterStatus
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +44,47 @@ logger = logging.getLogger(__name__)
 BASE_ROW_MARKER = "__base__"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+CONFIG_FILE = "adapter_config.json"
 MIXABLE_PEFT_TYPES = frozenset({"LORA"})
+# Adapter names travel in requests, logs and metric labels: keep them short and plain.
+ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_adapter_name(name: str, field_path: str = "name") -> None:
+    """Refuse names that are empty, reserved, or not plain identifiers."""
+    if not ADAPTER_NAME_PATTERN.fullmatch(name):
+        raise InvalidRequestError.single(
+            field_path, "must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric"
+        )
+    if name == BASE_ROW_MARKER:
+        raise InvalidRequestError.single(field_path, f"{BASE_ROW_MARKER!r} is reserved")
+
+
+def resolve_adapter_dir(root: Path, relative: str, field_path: str = "path") -> Path:
+    """The adapter directory ``relative`` names under ``root``, refusing every escape.
+
+    Refused with the field named: empty, absolute (POSIX or Windows), any ``..`` component,
+    and anything whose real path (symlinks resolved) is outside the real ``root``. The
+    existence of the directory is checked later, by ``inspect_adapter``.
+    """
+    if not relative:
+        raise InvalidRequestError.single(field_path, "must not be empty")
+    if "\x00" in relative:
+        raise InvalidRequestError.single(field_path, "must not contain NUL")
+    posix = PurePosixPath(relative)
+    if posix.is_absolute() or PureWindowsPath(relative).is_absolute() or relative.startswith("\\"):
+        raise InvalidRequestError.single(
+            field_path, "must be relative to the server's adapters root, not absolute"
+        )
+    if ".." in posix.parts or ".." in PureWindowsPath(relative).parts:
+        raise InvalidRequestError.single(field_path, "must not contain '..'")
+    real_root = root.resolve()
+    resolved = (real_root / posix).resolve()
+    if not resolved.is_relative_to(real_root):
+        raise InvalidRequestError.single(
+            field_path, "resolves (through a symlink) outside the server's adapters root"
+        )
+    return resolved
 
 
 def sha256_file(path: Path) -> str:
@@ -59,27 +109,49 @@ def shares_base_weights(base: torch.nn.Module, tree: torch.nn.Module) -> bool:
     return all(p.data_ptr() in tree_ptrs for p in base.parameters())
 
 
-def inspect_adapter(path: Path) -> AdapterInfo:
-    """Read an adapter directory's config and weights file; refuse anything but safetensors."""
-    name = path.name
+def inspect_adapter(
+    path: Path, name: str | None = None, root: Path | None = None, field_path: str = ""
+) -> AdapterInfo:
+    """Read an adapter directory's config and weights file; refuse anything but safetensors.
+
+    ``name`` defaults to the directory's name. With ``root``, the config and weights files must
+    also really live under it (a symlinked file pointing elsewhere is refused). ``field_path``
+    is the request field the directory came from, named in the error.
+    """
+    name = path.name if name is None else name
     if name in ("", BASE_ROW_MARKER):
-        raise AdapterLoadError(name, "reserved adapter name")
-    config_path = path / "adapter_config.json"
+        raise AdapterLoadError(name, "reserved adapter name", field_path)
+    if not path.is_dir():
+        raise AdapterLoadError(name, "no such adapter directory", field_path)
+    config_path = path / CONFIG_FILE
+    weights = path / WEIGHTS_FILE
+    if root is not None:
+        real_root = root.resolve()
+        for file in (config_path, weights):
+            if file.exists() and not file.resolve().is_relative_to(real_root):
+                raise AdapterLoadError(
+                    name, f"{file.name} resolves outside the adapters root", field_path
+                )
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
-        raise AdapterLoadError(name, f"cannot read {config_path.name}: {e}") from e
-    weights = path / WEIGHTS_FILE
+        raise AdapterLoadError(name, f"cannot read {config_path.name}: {e}", field_path) from e
     if not weights.is_file():
         if (path / PICKLE_WEIGHTS_FILE).is_file():
             # Pickle files can run arbitrary code on load: never touch them.
             raise AdapterLoadError(
-                name, f"only pickle weights ({PICKLE_WEIGHTS_FILE}); need {WEIGHTS_FILE}"
+                name,
+                f"only pickle weights ({PICKLE_WEIGHTS_FILE}); need {WEIGHTS_FILE}",
+                field_path,
             )
-        raise AdapterLoadError(name, f"no {WEIGHTS_FILE}")
+        raise AdapterLoadError(name, f"no {WEIGHTS_FILE}", field_path)
+    if not isinstance(config, dict):
+        raise AdapterLoadError(name, f"{CONFIG_FILE} is not a JSON object", field_path)
     peft_type = str(config.get("peft_type", "")).upper()
     if not peft_type:
-        raise AdapterLoadError(name, "adapter_config.json has no peft_type")
+        raise AdapterLoadError(name, "adapter_config.json has no peft_type", field_path)
+    # No code from the adapter is ever run: only adapter_config.json (JSON) and safetensors are
+    # read, onto a base model the server built itself (its auto_mapping is ignored).
     targets = config.get("target_modules") or ()
     target_modules = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
     rank = config.get("r")
@@ -108,40 +180,102 @@ class TypeGroup:
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
 
 
+@dataclass
+class _Entry:
+    """The registry's mutable record of one known adapter (see ``AdapterStatus``)."""
+
+    name: str
+    path: str
+    state: AdapterState
+    pinned: bool = False
+    info: AdapterInfo | None = None
+    in_flight: int = 0
+    last_used: float | None = None
+    error: str = ""
+    # Monotonic time of the last use, or of loading: the LRU order (never-used count as loaded).
+    lru_stamp: float = field(default_factory=time.monotonic)
+
+    def status(self) -> AdapterStatus:
+        return AdapterStatus(
+            name=self.name,
+            state=self.state,
+            path=self.path,
+            info=self.info,
+            pinned=self.pinned,
+            in_flight=self.in_flight,
+            last_used=self.last_used,
+            error=self.error,
+        )
+
+
+AdapterListener = Callable[[AdapterEvent], None]
+
+
 class AdapterRegistry:
     """Loaded adapters by name, the type group each lives in, and the plain base model."""
 
-    def __init__(self, base: torch.nn.Module, adapters_dir: Path | None) -> None:
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        adapters_dir: Path | None,
+        pinned: Iterable[str] = (),
+        max_loaded: int = 0,
+    ) -> None:
         self.base = base
+        self.root = adapters_dir
+        self.max_loaded = max_loaded
         self.groups: dict[str, TypeGroup] = {}
         self._by_name: dict[str, AdapterInfo] = {}
+        self._entries: dict[str, _Entry] = {}
         self.load_errors: dict[str, AdapterLoadError] = {}
+        self._lock = threading.RLock()
+        self._listeners: list[AdapterListener] = []
         if adapters_dir is not None:
-            self._load_all(adapters_dir)
+            self._load_all(adapters_dir, tuple(pinned))
+        elif pinned:
+            raise ValueError("pinned adapters need an adapters directory")
 
-    def _load_all(self, adapters_dir: Path) -> None:
+    def _load_all(self, adapters_dir: Path, pinned: tuple[str, ...]) -> None:
         candidates = sorted(p for p in adapters_dir.iterdir() if p.is_dir())
+        candidates = [p for p in candidates if (p / CONFIG_FILE).is_file()]
+        unknown = sorted(set(pinned) - {p.name for p in candidates})
+        if unknown:
+            raise ValueError(f"pinned adapters not found in {adapters_dir}: {', '.join(unknown)}")
+        # Pinned adapters first, so a budget smaller than the directory never leaves them out.
+        candidates.sort(key=lambda p: p.name not in pinned)
         infos: list[AdapterInfo] = []
         for path in candidates:
-            if not (path / "adapter_config.json").is_file():
+            is_pinned = path.name in pinned
+            if self.max_loaded and len(infos) >= self.max_loaded and not is_pinned:
+                logger.info("adapter budget full at startup; %s stays unloaded", path.name)
                 continue
             try:
-                infos.append(inspect_adapter(path))
+                infos.append(inspect_adapter(path, root=adapters_dir))
             except AdapterLoadError as e:
-                self._refuse(e)
+                self._refuse(e, path.name)
         for info in infos:
             try:
-                self._attach(info)
+                self.attach(info)
             except AdapterLoadError as e:
-                self._refuse(e)
+                self._refuse(e, info.name)
+            else:
+                self._entries[info.name] = _Entry(
+                    info.name, info.name, AdapterState.READY, info.name in pinned, info
+                )
 
-    def _refuse(self, error: AdapterLoadError) -> None:
+    def _refuse(self, error: AdapterLoadError, directory: str) -> None:
         # The server keeps running without the adapter; requests naming it get NOT_FOUND.
         logger.error("skipping adapter: %s", error.message)
         self.load_errors[error.adapter] = error
+        self._entries[error.adapter] = _Entry(
+            error.adapter, directory, AdapterState.FAILED, error=error.detail
+        )
 
-    def _attach(self, info: AdapterInfo) -> None:
-        group = self.groups.get(info.peft_type)
+    # ---- model mutation: the engine runs these on its worker thread, between batches ----
+    def attach(self, info: AdapterInfo) -> None:
+        """Load ``info``'s weights into its type group (creating the group) and serve it."""
+        with self._lock:
+            group = self.groups.get(info.peft_type)
         try:
             if group is None:
                 tree = share_weights_copy(self.base)
@@ -149,7 +283,6 @@ class AdapterRegistry:
                     tree, info.path, adapter_name=info.name, is_trainable=False
                 )
                 group = TypeGroup(peft_type=info.peft_type, model=model)
-                self.groups[info.peft_type] = group
             else:
                 group.model.load_adapter(info.path, adapter_name=info.name, is_trainable=False)
         except Exception as e:  # peft raises many types; all mean "this adapter is unusable"
@@ -157,22 +290,155 @@ class AdapterRegistry:
         device = next(self.base.parameters()).device
         group.model.to(device)
         group.model.eval()
-        group.adapters[info.name] = info
-        self._by_name[info.name] = info
+        with self._lock:
+            self.groups[info.peft_type] = group
+            group.adapters[info.name] = info
+            self._by_name[info.name] = info
 
+    def detach(self, name: str) -> None:
+        """Remove a loaded adapter's weights from its group (the group itself stays)."""
+        with self._lock:
+            info = self._by_name.pop(name, None)
+            group = self.groups.get(info.peft_type) if info is not None else None
+            if group is not None:
+                group.adapters.pop(name, None)
+        if group is not None and name in group.model.peft_config:
+            # An emptied group keeps its PeftModel: base rows of batches keyed to it before it
+            # emptied still run there (no adapter = base output), and a later load reuses it.
+            group.model.delete_adapter(name)
+
+    # ---- bookkeeping: the engine calls these on the event-loop thread ----
+    def subscribe(self, listener: AdapterListener) -> Callable[[], None]:
+        """Call ``listener`` on every state change; returns the unsubscribe function."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def _notify(self, kind: AdapterEventKind, entry: _Entry) -> None:
+        event = AdapterEvent(kind, entry.status())
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(event)
+
+    def entry(self, name: str) -> AdapterStatus | None:
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.status() if entry is not None else None
+
+    def statuses(self) -> list[AdapterStatus]:
+        with self._lock:
+            return [self._entries[n].status() for n in sorted(self._entries)]
+
+    def set_state(
+        self,
+        name: str,
+        state: AdapterState,
+        *,
+        path: str | None = None,
+        pinned: bool | None = None,
+        info: AdapterInfo | None = None,
+        error: str = "",
+    ) -> AdapterStatus:
+        """Create or update ``name``'s entry and tell the listeners."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                entry = _Entry(name, path or name, state)
+                self._entries[name] = entry
+            entry.state = state
+            entry.error = error
+            if path is not None:
+                entry.path = path
+            if pinned is not None:
+                entry.pinned = pinned
+            if info is not None:
+                entry.info = info
+            if state is AdapterState.READY:
+                entry.lru_stamp = time.monotonic()
+                self.load_errors.pop(name, None)
+        self._notify(AdapterEventKind.CHANGED, entry)
+        return entry.status()
+
+    def remove(self, name: str) -> AdapterStatus | None:
+        """Forget ``name`` (after ``detach``) and tell the listeners."""
+        with self._lock:
+            entry = self._entries.pop(name, None)
+        if entry is None:
+            return None
+        self._notify(AdapterEventKind.REMOVED, entry)
+        return entry.status()
+
+    def acquire(self, name: str) -> None:
+        """A request naming ``name`` was admitted."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                entry.in_flight += 1
+                entry.last_used = time.time()
+                entry.lru_stamp = time.monotonic()
+
+    def release(self, name: str) -> None:
+        """A request naming ``name`` finished (any outcome)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None and entry.in_flight > 0:
+                entry.in_flight -= 1
+
+    def occupying(self) -> int:
+        """Adapters holding (or about to hold) memory: everything but FAILED."""
+        with self._lock:
+            return sum(1 for e in self._entries.values() if e.state is not AdapterState.FAILED)
+
+    def eviction_candidate(self) -> str | None:
+        """The least recently used READY adapter that is idle and unpinned, if any."""
+        with self._lock:
+            idle = [
+                e
+                for e in self._entries.values()
+                if e.state is AdapterState.READY and not e.pinned and e.in_flight == 0
+            ]
+            return min(idle, key=lambda e: e.lru_stamp).name if idle else None
+
+    def count_by_state(self) -> dict[AdapterState, int]:
+        with self._lock:
+            counts = dict.fromkeys(AdapterState, 0)
+            for entry in self._entries.values():
+                counts[entry.state] += 1
+            return counts
+
+    # ---- lookups (any thread) ----
     def get(self, name: str) -> AdapterInfo | None:
-        return self._by_name.get(name)
+        """The adapter if requests may use it now: READY (not loading, failed or unloading)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None and entry.state is not AdapterState.READY:
+                return None
+            return self._by_name.get(name)
 
     def names(self) -> list[str]:
-        return sorted(self._by_name)
+        with self._lock:
+            return sorted(
+                n
+                for n in self._by_name
+                if (e := self._entries.get(n)) is None or e.state is AdapterState.READY
+            )
 
     def infos(self) -> list[AdapterInfo]:
-        return [self._by_name[n] for n in self.names()]
+        with self._lock:
+            return [self._by_name[n] for n in self.names()]
 
     @property
     def mixed_group(self) -> TypeGroup | None:
         """The group whose model serves mixed batches (and base rows), if any."""
-        group = self.groups.get("LORA")
-        if group is None or not any(a.mixed_batching for a in group.adapters.values()):
-            return None
-        return group
+        with self._lock:
+            group = self.groups.get("LORA")
+            if group is None or not any(a.mixed_batching for a in group.adapters.values()):
+                return None
+            return group

@@ -214,3 +214,45 @@ class TokenizeResult:
     token_ids: tuple[int, ...]
     # The text each token stands for (byte-level pieces may be partial characters).
     tokens: tuple[str, ...]
+
+
+class AdapterState(enum.Enum):
+    """Where an adapter is in its lifecycle (mirrors the contract's ``AdapterState``)."""
+
+    LOADING = "loading"  # being read/attached; requests naming it wait for READY
+    READY = "ready"  # requests may name it
+    FAILED = "failed"  # loading failed; ``AdapterStatus.error`` says why
+    UNLOADING = "unloading"  # new requests get AdapterNotFoundError; admitted ones finish
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """A snapshot of one known adapter: what it is (once known) and how it is used."""
+
+    name: str
+    state: AdapterState
+    # The adapter's directory relative to the adapters root.
+    path: str
+    # Type, rank, targets and sha256; None until the directory has been inspected.
+    info: AdapterInfo | None
+    # Never evicted to make room for another adapter.
+    pinned: bool
+    # Admitted (queued or running) requests naming it that have not finished.
+    in_flight: int
+    # ``time.time()`` of the last request naming it; None when never used since loading.
+    last_used: float | None
+    # Why loading failed (FAILED only).
+    error: str = ""
+
+
+class AdapterEventKind(enum.Enum):
+    """What an ``AdapterEvent`` reports."""
+
+    CHANGED = "changed"  # appeared or changed state
+    REMOVED = "removed"  # unloaded or evicted; the status is its last one
+
+
+@dataclass(frozen=True)
+class AdapterEvent:
+    kind: AdapterEventKind
+    status: AdapterStatus

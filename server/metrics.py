@@ -1,0 +1,157 @@
+"""Prometheus metrics on their own HTTP port (``--metrics-address``; off by default).
+
+Everything per request is recorded once, when the RPC ends, from the interceptor's
+``RequestRecord`` (status, adapter, tokens, queue wait, batch size, time to first token), so
+the engine's decoding loop carries no metrics code. Gauges that describe the present (in-flight
+RPCs, engine queue, adapters by state) are read at scrape time. Each server has its own
+``CollectorRegistry``: several servers in one process (tests) never share counters.
+
+The endpoint is plain HTTP without auth: bind it to loopback or a private network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .engine.engine import Engine
+from .interceptor import RequestRecord
+
+__all__ = ["ServerMetrics"]
+
+logger = logging.getLogger("peftserve.metrics")
+
+# Request metrics label the adapter only when the server knows it: names in failed requests
+# are caller-chosen, and each distinct label value is a new time series.
+UNKNOWN_ADAPTER_LABEL = "(unknown)"
+BASE_MODEL_LABEL = ""
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _EngineCollector(Collector):
+    """Scrape-time gauges read from the engine (absent while it loads)."""
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        engine = self._engine()
+        if engine is None:
+            return
+        stats = engine.stats()
+        queued = GaugeMetricFamily(
+            "peftserve_engine_queued_requests", "Requests waiting in the queue"
+        )
+        queued.add_metric([], stats.queued)
+        yield queued
+        running = GaugeMetricFamily(
+            "peftserve_engine_running_requests", "Requests in the running batch"
+        )
+        running.add_metric([], stats.running)
+        yield running
+        adapters = GaugeMetricFamily(
+            "peftserve_adapters", "Known adapters by lifecycle state", labels=["state"]
+        )
+        for state, count in engine.registry.count_by_state().items():
+            adapters.add_metric([state.value], count)
+        yield adapters
+
+
+class ServerMetrics:
+    """The server's metrics and, once ``start`` ran, the HTTP endpoint serving them."""
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self._engine = engine
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "peftserve_requests",
+            "Finished RPCs by method, final status and adapter",
+            ["rpc", "status", "adapter"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "peftserve_prompt_tokens", "Prompt tokens of finished requests", ["adapter"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "peftserve_completion_tokens",
+            "Generated tokens of finished requests",
+            ["adapter"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "peftserve_queue_wait_seconds",
+            "Time from admission until the request's batch started",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "peftserve_time_to_first_token_seconds",
+            "StreamGenerate: time from the call's start to the first message with tokens",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "peftserve_batch_size",
+            "Requests in the batch each finished request ran in",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "peftserve_in_flight_requests", "RPCs being handled now", ["rpc"], registry=r
+        )
+        r.register(_EngineCollector(engine))
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    # ---- RequestObserver (interceptor.py), called on the event loop ----
+    def started(self, entry: RequestRecord) -> None:
+        self.in_flight.labels(entry.method).inc()
+
+    def finished(self, entry: RequestRecord, status: str) -> None:
+        self.in_flight.labels(entry.method).dec()
+        adapter = self._adapter_label(entry.adapter)
+        self.requests.labels(entry.method, status, adapter).inc()
+        if "batch_size" not in entry.extra:
+            return  # no generation result: nothing ran
+        self.prompt_tokens.labels(adapter).inc(entry.prompt_tokens)
+        self.completion_tokens.labels(adapter).inc(entry.completion_tokens)
+        self.queue_wait.observe(entry.queue_wait_ms / 1000.0)
+        self.batch_size.observe(float(entry.extra["batch_size"]))
+        ttft_ms = entry.extra.get("ttft_ms")
+        if ttft_ms is not None:
+            self.ttft.observe(float(ttft_ms) / 1000.0)
+
+    def _adapter_label(self, name: str) -> str:
+        if not name:
+            return BASE_MODEL_LABEL
+        engine = self._engine()
+        known = engine is not None and engine.registry.entry(name) is not None
+        return name if known else UNKNOWN_ADAPTER_LABEL
+
+    # ---- HTTP endpoint ----
+    def start(self, address: str) -> int:
+        """Serve ``/metrics`` on ``address`` ("host:port", port 0 = any); returns the port."""
+        host, _, port = address.rpartition(":")
+        httpd, thread = start_http_server(int(port), host.strip("[]"), registry=self.registry)
+        self._httpd, self._thread = httpd, thread
+        self.port = int(httpd.server_port)
+        logger.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
