@@ -6,6 +6,7 @@ from .client import PeftServeClient
 from .errors import PeftServeClientError
 from .requests import build_generate_request
 from .types import (
+    AdapterEvent,
     AdapterInfo,
     GenerateOptions,
     GenerationOutput,
@@ -21,6 +22,7 @@ from .types import (
 )
 
 __all__ = [
+    "AdapterEvent",
     "AdapterInfo",
     "AsyncPeftServeClient",
     "ChannelSettings",

@@ -26,12 +26,15 @@ from .errors import PeftServeClientError
 from .requests import build_generate_request, build_tokenize_request
 from .responses import (
     StreamAssembler,
+    adapter_event_from_pb,
+    adapter_from_pb,
     adapters_from_pb,
     generation_output_from_pb,
     model_info_from_pb,
     tokenize_output_from_pb,
 )
 from .types import (
+    AdapterEvent,
     AdapterInfo,
     GenerateOptions,
     GenerationOutput,
@@ -181,3 +184,43 @@ class AsyncPeftServeClient:
         except grpc.RpcError as error:
             raise PeftServeClientError.from_rpc_error(error) from error
         return adapters_from_pb(response)
+
+    async def load_adapter(
+        self, name: str, path: str = "", *, pin: bool = False, timeout_s: float | None = None
+    ) -> AdapterInfo:
+        """Load the adapter directory ``path`` (relative to the server's adapters root; default
+        ``name``) as ``name``; returns it READY. Needs an admin token where the server has them.
+        """
+        request = pb.LoadAdapterRequest(name=name, path=path, pin=pin)
+        try:
+            response = await self._stub.LoadAdapter(request, **self._call_kwargs(timeout_s))
+        except grpc.RpcError as error:
+            raise PeftServeClientError.from_rpc_error(error) from error
+        return adapter_from_pb(response.adapter)
+
+    async def unload_adapter(self, name: str, *, timeout_s: float | None = None) -> AdapterInfo:
+        """Unload ``name`` once its in-flight requests finish (within the deadline); returns
+        its last description."""
+        request = pb.UnloadAdapterRequest(name=name)
+        try:
+            response = await self._stub.UnloadAdapter(request, **self._call_kwargs(timeout_s))
+        except grpc.RpcError as error:
+            raise PeftServeClientError.from_rpc_error(error) from error
+        return adapter_from_pb(response.adapter)
+
+    async def watch_adapters(
+        self, *, timeout_s: float | None = None
+    ) -> AsyncGenerator[AdapterEvent, None]:
+        """Yield the current adapters ("existing"), a "synced" marker, then every change.
+
+        Runs until the deadline (``timeout_s``, else the client's; None on both = forever);
+        leaving the loop early cancels the RPC.
+        """
+        call = self._stub.WatchAdapters(pb.WatchAdaptersRequest(), **self._call_kwargs(timeout_s))
+        try:
+            async for message in call:
+                yield adapter_event_from_pb(message)
+        except grpc.RpcError as error:
+            raise PeftServeClientError.from_rpc_error(error) from error
+        finally:
+            call.cancel()

@@ -35,7 +35,8 @@ class PeftServeClientError(Exception):
         self.message = message
         # ErrorInfo.reason: a stable, machine-readable cause (e.g. "ADAPTER_NOT_FOUND").
         self.reason = reason
-        # BadRequest field paths such as "parameters.top_p", with what is wrong with them.
+        # BadRequest field paths such as "parameters.top_p" (or PreconditionFailure subjects
+        # such as "path"), with what is wrong with them.
         self.field_violations: list[tuple[str, str]] = list(field_violations or [])
         # RetryInfo.retry_delay; None when the server gave no retry advice.
         self.retry_after_s = retry_after_s
@@ -92,6 +93,11 @@ class PeftServeClientError(Exception):
                 bad_request = error_details_pb2.BadRequest()
                 detail.Unpack(bad_request)
                 violations.extend((v.field, v.description) for v in bad_request.field_violations)
+            elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+                # FAILED_PRECONDITION names the field at fault as the violation's subject.
+                failure = error_details_pb2.PreconditionFailure()
+                detail.Unpack(failure)
+                violations.extend((v.subject, v.description) for v in failure.violations)
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)

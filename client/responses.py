@@ -10,6 +10,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from peftserve.v1 import generation_pb2 as pb
 
 from .types import (
+    AdapterEvent,
     AdapterInfo,
     GenerationOutput,
     ModelInfo,
@@ -25,6 +26,8 @@ from .types import (
 
 __all__ = [
     "StreamAssembler",
+    "adapter_event_from_pb",
+    "adapter_from_pb",
     "adapters_from_pb",
     "effective_parameters_to_dict",
     "finish_reason_name",
@@ -204,16 +207,44 @@ def model_info_from_pb(message: pb.GetModelInfoResponse) -> ModelInfo:
     )
 
 
+def _enum_name(value: int, enum: Any, prefix: str) -> str:
+    try:
+        return str(enum.Name(value)).removeprefix(prefix).lower()
+    except ValueError:
+        return f"unknown({value})"
+
+
+def adapter_from_pb(a: pb.Adapter) -> AdapterInfo:
+    """Convert one Adapter message; an unset state (older server) reads as "ready"."""
+    state = (
+        "ready"
+        if a.state == pb.ADAPTER_STATE_UNSPECIFIED
+        else _enum_name(a.state, pb.AdapterState, "ADAPTER_STATE_")
+    )
+    return AdapterInfo(
+        name=a.name,
+        peft_type=a.peft_type,
+        sha256=a.sha256,
+        rank=a.rank if a.HasField("rank") else None,
+        target_modules=tuple(a.target_modules),
+        mixed_batching=a.mixed_batching,
+        state=state,
+        in_flight_requests=a.in_flight_requests,
+        last_used=a.last_used_time.ToNanoseconds() / 1e9 if a.HasField("last_used_time") else None,
+        pinned=a.pinned,
+        path=a.path,
+        error=a.error,
+    )
+
+
 def adapters_from_pb(message: pb.ListAdaptersResponse) -> tuple[AdapterInfo, ...]:
     """Convert a ListAdapters response."""
-    return tuple(
-        AdapterInfo(
-            name=a.name,
-            peft_type=a.peft_type,
-            sha256=a.sha256,
-            rank=a.rank if a.HasField("rank") else None,
-            target_modules=tuple(a.target_modules),
-            mixed_batching=a.mixed_batching,
-        )
-        for a in message.adapters
+    return tuple(adapter_from_pb(a) for a in message.adapters)
+
+
+def adapter_event_from_pb(message: pb.WatchAdaptersResponse) -> AdapterEvent:
+    """Convert one WatchAdapters message."""
+    return AdapterEvent(
+        kind=_enum_name(message.kind, pb.AdapterEventKind, "ADAPTER_EVENT_KIND_"),
+        adapter=adapter_from_pb(message.adapter) if message.HasField("adapter") else None,
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 __all__ = [
+    "AdapterEvent",
     "AdapterInfo",
     "GenerateOptions",
     "GenerationOutput",
@@ -196,3 +197,26 @@ class AdapterInfo:
     rank: int | None
     target_modules: tuple[str, ...]
     mixed_batching: bool
+    # Lifecycle (servers before contract v1.1 send none of these: READY, unused, unpinned).
+    # "loading", "ready", "failed" or "unloading".
+    state: str = "ready"
+    in_flight_requests: int = 0
+    # Unix time (seconds) of the last request naming it; None when never used since loading.
+    last_used: float | None = None
+    pinned: bool = False
+    # Directory relative to the server's adapters root.
+    path: str = ""
+    # Why loading failed (state "failed").
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class AdapterEvent:
+    """One WatchAdapters message.
+
+    ``kind``: "existing" (the initial set), "synced" (initial set complete; ``adapter`` is
+    None), "changed" (appeared or changed state) or "removed" (unloaded or evicted).
+    """
+
+    kind: str
+    adapter: AdapterInfo | None
