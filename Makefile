@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[server,dev,bench]'
 	touch $@
 
-$(NPM_STAMP): package.json
+$(NPM_STAMP): package.json examples/node/package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
+	npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
 	touch $@
 
 serve: $(STAMP)

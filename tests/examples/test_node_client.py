@@ -1,0 +1,67 @@
+"""The Node.js client (examples/node), built from the .proto alone, against a live server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+
+from ..conftest import REPO_ROOT, ServerThread
+
+NODE_DIR = REPO_ROOT / "examples" / "node"
+PROMPT = "the quick brown fox"
+
+
+def _node_client_ready() -> str | None:
+    """None when the client can run, else why not (installing its packages if npm can)."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        if shutil.which("npm") is None:
+            return "examples/node/node_modules is missing and npm is not installed"
+        result = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            return f"npm ci failed in examples/node: {result.stderr[-500:]}"
+    return None
+
+
+def run_client(address: str, *args: str) -> tuple[int, dict[str, Any]]:
+    result = subprocess.run(
+        ["node", "client.js", address, *args],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_node_client_generates_and_streams(demo_server: ServerThread) -> None:
+    reason = _node_client_ready()
+    if reason is not None:
+        pytest.skip(reason)
+    code, output = run_client(demo_server.address, PROMPT, "upper", str(len(PROMPT) + 1))
+    assert code == 0, output
+    generated = output["generate"]
+    assert PROMPT.upper() in generated["sequences"][0]["text"]
+    assert generated["provenance"]["adapter"] == "upper"
+    assert len(generated["provenance"]["adapter_sha256"]) == 64
+    assert generated["sequences"][0]["finish_reason"].startswith("FINISH_REASON_")
+    stream = output["stream"]
+    # Greedy: the stream's concatenated deltas equal the unary text exactly.
+    assert stream["text"] == generated["sequences"][0]["text"]
+    assert stream["deltas"] >= 1
+    assert stream["summary"]["usage"] == generated["usage"]
+
+    code, failure = run_client(demo_server.address, PROMPT, "no-such-adapter")
+    assert code == 1
+    assert failure["error"]["name"] == "NOT_FOUND"
