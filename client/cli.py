@@ -19,7 +19,7 @@ import grpc
 from .channel import DEFAULT_TARGET
 from .client import DEFAULT_TIMEOUT_S, PeftServeClient
 from .errors import PeftServeClientError
-from .types import GenerateOptions, SequenceDelta, StreamSummary
+from .types import AdapterInfo, GenerateOptions, SequenceDelta, StreamSummary
 
 __all__ = ["build_parser", "main"]
 
@@ -84,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     adapters = commands.add_parser("adapters", parents=[common], help="list the loaded adapters")
     adapters.add_argument("--json", action="store_true")
+
+    load = commands.add_parser(
+        "load-adapter",
+        parents=[common],
+        help="load an adapter directory (relative to the server's adapters root)",
+    )
+    load.add_argument("name", help="the name requests will use")
+    load.add_argument(
+        "path", nargs="?", default="", help="directory under the adapters root (default: NAME)"
+    )
+    load.add_argument("--pin", action="store_true", help="never evict it to make room")
+    load.add_argument("--json", action="store_true")
+
+    unload = commands.add_parser(
+        "unload-adapter", parents=[common], help="unload an adapter once its requests finish"
+    )
+    unload.add_argument("name")
+    unload.add_argument("--json", action="store_true")
 
     info = commands.add_parser(
         "info", parents=[common], help="describe the served model and limits"
@@ -205,8 +223,17 @@ def _run(args: argparse.Namespace) -> None:
             elif not adapters:
                 print("(no adapters loaded)")
             for adapter in [] if args.json else adapters:
-                rank = "-" if adapter.rank is None else str(adapter.rank)
-                print(f"{adapter.name}\t{adapter.peft_type}\trank={rank}\t{adapter.sha256[:12]}")
+                print(_adapter_line(adapter))
+        elif args.command in ("load-adapter", "unload-adapter"):
+            if args.command == "load-adapter":
+                adapter = client.load_adapter(args.name, args.path, pin=args.pin)
+            else:
+                adapter = client.unload_adapter(args.name)
+            if args.json:
+                _print_json(adapter)
+            else:
+                verb = "loaded" if args.command == "load-adapter" else "unloaded"
+                print(f"{verb}: {_adapter_line(adapter)}")
         elif args.command == "info":
             info = client.model_info()
             if args.json:
@@ -221,6 +248,15 @@ def _run(args: argparse.Namespace) -> None:
             else:
                 for token_id, token in zip(tokens.token_ids, tokens.tokens, strict=True):
                     print(f"{token_id}\t{token!r}")
+
+
+def _adapter_line(adapter: AdapterInfo) -> str:
+    rank = "-" if adapter.rank is None else str(adapter.rank)
+    pinned = "\tpinned" if adapter.pinned else ""
+    return (
+        f"{adapter.name}\t{adapter.state}\t{adapter.peft_type or '-'}\trank={rank}"
+        f"\t{adapter.sha256[:12] or '-'}{pinned}"
+    )
 
 
 def _report(error: PeftServeClientError) -> int:

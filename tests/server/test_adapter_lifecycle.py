@@ -281,3 +281,21 @@ def test_admin_token_is_required_when_configured(tmp_path: Path, server_factory:
         with pytest.raises(PeftServeClientError) as not_caller:
             as_admin.list_adapters()
         assert not_caller.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_cli_load_and_unload_adapter(
+    tmp_path: Path, server_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from peftserve.client.cli import main
+
+    root = make_root(tmp_path, "upper")
+    server = server_factory(adapters_dir=root)
+    target = ["--target", server.address]
+    assert main([*target, "load-adapter", "shout", "upper", "--pin"]) == 0
+    assert capsys.readouterr().out.startswith("loaded: shout\tready\tLORA\trank=")
+    assert main([*target, "adapters"]) == 0
+    assert "shout\tready\tLORA" in capsys.readouterr().out
+    assert main([*target, "unload-adapter", "shout"]) == 0
+    assert capsys.readouterr().out.startswith("unloaded: shout")
+    assert main([*target, "load-adapter", "bad", "../upper"]) == 2
+    assert "path: must not contain '..'" in capsys.readouterr().err
