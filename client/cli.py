@@ -251,11 +251,12 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _adapter_line(adapter: AdapterInfo) -> str:
+    # The first four columns are the pre-lifecycle format (scripts parse it); state is appended.
     rank = "-" if adapter.rank is None else str(adapter.rank)
     pinned = "\tpinned" if adapter.pinned else ""
     return (
-        f"{adapter.name}\t{adapter.state}\t{adapter.peft_type or '-'}\trank={rank}"
-        f"\t{adapter.sha256[:12] or '-'}{pinned}"
+        f"{adapter.name}\t{adapter.peft_type or '-'}\trank={rank}"
+        f"\t{adapter.sha256[:12] or '-'}\t{adapter.state}{pinned}"
     )
 
 
