@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import threading
 import time
@@ -217,41 +218,67 @@ class Batcher:
                 self._batch_seconds_ema = 0.8 * self._batch_seconds_ema + 0.2 * elapsed
 
     def _run_splitting_on_oom(self, batch: Batch) -> None:
-        """Run a batch; on accelerator OOM retry it in halves while that is invisible.
+        """Run a batch; on accelerator OOM retry its requests in halves where that is invisible.
 
-        A retry is only invisible while no row has produced a token (nothing was streamed):
-        rows are rebuilt with the same seeds, so the split batches give the same tokens. A
-        request that still does not fit alone, or whose tokens already streamed, fails with
-        BatchOutOfMemoryError; the server keeps serving.
+        A retry is invisible for every request whose tokens nobody has seen: unary requests
+        (their rows are rebuilt with the same seeds, so they get the same tokens) and streams
+        that have not produced a token yet. A stream that already emitted tokens cannot be
+        restarted without the client seeing text twice, and a request that does not fit even
+        alone cannot be helped; both fail with BatchOutOfMemoryError (RESOURCE_EXHAUSTED).
+        The other requests and the server carry on.
         """
+        if self._run_catching_oom(batch):
+            return
+        # Only here, outside the ``except`` clause, are the failed attempt's frames (and the
+        # activations and KV cache they reference) released, so the cache can really shrink
+        # before the retry; inside the clause the traceback would keep them alive.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pending = [job for job in batch.jobs if not job.done]
+        streamed = [job for job in pending if job.handle.stream and _produced_tokens(job)]
+        retry = [job for job in pending if job not in streamed]
+        for job in streamed:
+            self._fail(
+                job,
+                BatchOutOfMemoryError(
+                    "the accelerator ran out of memory after this stream had started; "
+                    "retry later or lower max_new_tokens / num_beams"
+                ),
+            )
+        if len(batch.jobs) > 1 and retry:
+            logger.warning(
+                "out of memory on a batch of %d requests; retrying %d in halves",
+                len(batch.jobs),
+                len(retry),
+            )
+            half = len(retry) // 2
+            for part in (retry[:half], retry[half:]):
+                if not part:
+                    continue
+                for job in part:
+                    job.batch_size = len(part)
+                    job.rows = []
+                    job.pending_events = []
+                self._run_splitting_on_oom(Batch(batch.key, part))
+            return
+        for job in retry:
+            logger.error("out of memory on request %r alone; failing it", job.request_id)
+            self._fail(
+                job,
+                BatchOutOfMemoryError(
+                    "the accelerator ran out of memory for this request even alone; "
+                    "retry later or lower max_new_tokens / num_beams"
+                ),
+            )
+
+    def _run_catching_oom(self, batch: Batch) -> bool:
+        """Run the batch; False if the accelerator ran out of memory."""
         try:
             self._runner.run(batch, self._job_finished, self._expire_queued)
         except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            pending = [job for job in batch.jobs if not job.done]
-            started_streaming = any(row.tokens for job in pending for row in job.rows)
-            if len(pending) > 1 and not started_streaming:
-                logger.warning(
-                    "out of memory on a batch of %d requests; retrying in halves", len(pending)
-                )
-                half = len(pending) // 2
-                for part in (pending[:half], pending[half:]):
-                    for job in part:
-                        job.batch_size = len(part)
-                        job.rows = []
-                    self._run_splitting_on_oom(Batch(batch.key, part))
-                return
-            logger.error("out of memory on a batch of %d requests; failing them", len(pending))
-            for job in pending:
-                self._fail(
-                    job,
-                    BatchOutOfMemoryError(
-                        "the accelerator ran out of memory for this request"
-                        + (" after it started streaming" if started_streaming else "")
-                        + "; retry later or lower max_new_tokens / num_beams"
-                    ),
-                )
+            return False
+        return True
 
     def _next_batch(self) -> Batch | _TasksPending | None:
         max_wait_s = self._config.max_wait_ms / 1000.0
@@ -405,3 +432,7 @@ def _run_task(fn: Callable[[], T], future: concurrent.futures.Future[T]) -> None
         future.set_result(fn())
     except BaseException as error:  # handed to the waiting caller, never raised here
         future.set_exception(error)
+
+
+def _produced_tokens(job: Job) -> bool:
+    return any(row.tokens for row in job.rows) or bool(job.pending_events)

@@ -6,6 +6,7 @@ A real OOM cannot be provoked on the CPU test machine, so the runner is made to 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import grpc
@@ -29,16 +30,27 @@ def server() -> Any:
     server.stop()
 
 
+class _Activations:
+    """Stands in for the tensors a failed attempt's frames hold."""
+
+
 def test_oom_on_a_batch_is_retried_in_halves(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = server.server.engine()._runner
     real_run = runner.run
     sizes: list[int] = []
+    failed_attempts: list[weakref.ref[_Activations]] = []
+    alive_at_retry: list[bool] = []
 
     def run_small_batches_only(batch: Any, *args: Any) -> None:
         sizes.append(len(batch.jobs))
+        # Memory of a failed attempt must be gone before a retry starts, or the retry would
+        # run out of memory too (on CUDA, empty_cache cannot free what a traceback holds).
+        alive_at_retry.extend(ref() is not None for ref in failed_attempts)
         if len(batch.jobs) > 1:
+            activations = _Activations()
+            failed_attempts.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         real_run(batch, *args)
 
@@ -52,6 +64,48 @@ def test_oom_on_a_batch_is_retried_in_halves(
         texts = [f.result().sequences[0].text for f in futures]
     assert max(sizes) > 1, "the requests should first have been batched together"
     assert texts == [p.upper() for p in PROMPTS]
+    assert alive_at_retry and not any(alive_at_retry)
+
+
+def test_oom_after_a_stream_started_fails_it_and_retries_its_unary_neighbour(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = server.server.engine()._runner
+    real_run = runner.run
+    sizes: list[int] = []
+
+    def oom_at_third_step_of_a_shared_batch(batch: Any, on_finished: Any, on_step: Any) -> None:
+        sizes.append(len(batch.jobs))
+        steps = 0
+
+        def step() -> None:
+            nonlocal steps
+            on_step()
+            steps += 1
+            if len(batch.jobs) > 1 and steps == 3:  # tokens exist and have streamed
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        real_run(batch, on_finished, step)
+
+    params = pb.GenerationParameters(max_new_tokens=20, min_new_tokens=20)
+    request = pb.GenerateRequest(text="hello world", adapter="upper", parameters=params)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        expected = stub.Generate(request, timeout=60).sequences[0].text
+        monkeypatch.setattr(runner, "run", oom_at_third_step_of_a_shared_batch)
+        stream = stub.StreamGenerate(request, timeout=60)
+        unary = stub.Generate.future(request, timeout=60)
+        deltas: list[str] = []
+        with pytest.raises(grpc.RpcError) as caught:
+            for message in stream:
+                deltas.append(message.delta.text)
+        details = details_of(caught.value)
+        assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details.reason == "OUT_OF_MEMORY"
+        assert "".join(deltas), "the stream had started before the OOM"
+        # Its unary neighbour saw nothing: it was retried alone and got the solo result.
+        assert unary.result().sequences[0].text == expected
+    assert sizes == [2, 1]
 
 
 def test_oom_for_a_single_request_is_resource_exhausted(
