@@ -300,3 +300,31 @@ def test_cli_load_and_unload_adapter(
     assert capsys.readouterr().out.startswith("unloaded: shout")
     assert main([*target, "load-adapter", "bad", "../upper"]) == 2
     assert "path: must not contain '..'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("new_adapter", ["upper", "title"])  # same PEFT type group / a new one
+def test_loading_during_a_running_stream_leaves_its_tokens_unchanged(
+    tmp_path: Path, server_factory: Any, new_adapter: str
+) -> None:
+    root = make_root(tmp_path, "reverse")
+    # Nested, so it is not discovered at startup: for "title" (LoHa) the load creates a new
+    # PEFT type group over the shared base weights while the LoRA batch runs.
+    shutil.copytree(DEMO_ADAPTERS / new_adapter, root / "pending" / new_adapter)
+    server = server_factory(adapters_dir=root)
+    kwargs: dict[str, Any] = {"adapter": "reverse", "max_new_tokens": 150, "min_new_tokens": 150}
+    with PeftServeClient(server.address, timeout_s=60) as client:
+        reference = client.generate(PROMPT, return_token_ids=True, **kwargs)
+        events = client.stream_events(PROMPT, return_token_ids=True, **kwargs)
+        next(iter(events))  # the stream's batch is running now
+        loader = threading.Thread(
+            target=client.load_adapter, args=("late", f"pending/{new_adapter}")
+        )
+        loader.start()
+        rest = list(events)
+        loader.join(60)
+        summary = rest[-1].output
+        assert summary.sequences[0].token_ids == reference.sequences[0].token_ids
+        assert states(client)["late"] == "ready"
+        # The late adapter serves exactly like the original directory would.
+        expected = {"upper": PROMPT.upper(), "title": PROMPT.title()}[new_adapter]
+        assert client.generate(PROMPT, adapter="late").text == expected
