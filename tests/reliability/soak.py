@@ -13,6 +13,7 @@ import gc
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,11 @@ ADAPTERS = ["", "upper", "reverse", "title"]
 CALL_BOUND_S = 60.0
 
 
+# What a healthy server may answer this traffic: completions, the client's own cancels and
+# short deadlines. Anything else (INTERNAL, SERVER_CANCELLED, "BAD: ...", HUNG) is a failure.
+EXPECTED_OUTCOMES = {"OK", "CLIENT_CANCELLED", "DEADLINE_EXCEEDED"}
+
+
 @dataclass
 class SoakReport:
     requests: int = 0
@@ -48,6 +54,8 @@ def _request(rng: random.Random, i: int) -> pb.GenerateRequest:
         params.do_sample = True
         params.temperature = rng.choice([0.5, 1.0, 2.0])
         params.seed = rng.randint(0, 2**32)
+        if rng.random() < 0.3:
+            params.num_return_sequences = 2
     elif kind < 0.4:
         params.num_beams = 2
     if rng.random() < 0.2:
@@ -57,37 +65,67 @@ def _request(rng: random.Random, i: int) -> pb.GenerateRequest:
     )
 
 
-async def _one(
-    stub: pb_grpc.GenerationServiceStub, rng: random.Random, i: int, report: SoakReport
-) -> None:
+# Finish reasons a successful call may carry: anything else on an OK response would be a
+# partial result the client was not told about (CANCELLED / DEADLINE_EXCEEDED rows are only
+# legitimate behind a non-OK status).
+COMPLETE = {
+    pb.FINISH_REASON_LENGTH,
+    pb.FINISH_REASON_EOS,
+    pb.FINISH_REASON_STOP_SEQUENCE,
+    pb.FINISH_REASON_CONTEXT_LENGTH,
+}
+
+
+def _incomplete(sequences: Sequence[pb.Sequence]) -> str | None:
+    if not sequences:
+        return "OK without sequences"
+    reasons = [s.finish_reason for s in sequences]
+    if any(r not in COMPLETE for r in reasons):
+        return f"OK with finish reasons {[pb.FinishReason.Name(r) for r in reasons]}"
+    return None
+
+
+async def _one(stub: pb_grpc.GenerationServiceStub, seed: int, i: int, report: SoakReport) -> None:
+    # One generator per request: the traffic does not depend on completion order.
+    rng = random.Random(seed * 1_000_003 + i)
     request = _request(rng, i)
     streaming = rng.random() < 0.5
     # 10% get a deadline short enough to expire queued or mid-generation.
     timeout = rng.choice([0.01, 0.05, 0.2]) if rng.random() < 0.1 else CALL_BOUND_S
     cancel_after = rng.uniform(0.0, 0.2) if rng.random() < 0.1 else None
     call = (stub.StreamGenerate if streaming else stub.Generate)(request, timeout=timeout)
+    cancelled_by_us = False
 
     async def consume() -> str:
         if streaming:
-            last = None
+            # The summary carries finish reasons only (the deltas carried the text).
+            summary = None
             async for message in call:  # type: ignore[union-attr]
-                last = message
-            assert last is not None and last.WhichOneof("event") == "summary", "stream ended early"
-            return "OK"
-        response = await call
-        assert response.sequences and response.sequences[0].finish_reason, "no finish reason"
-        return "OK"
+                if message.WhichOneof("event") == "summary":
+                    summary = message.summary
+            if summary is None:
+                return "BAD: stream ended OK without a summary"
+            problem = _incomplete(summary.sequences)
+        else:
+            response = await call
+            problem = _incomplete(response.sequences)
+        return f"BAD: {problem}" if problem else "OK"
 
     task = asyncio.ensure_future(consume())
     try:
         if cancel_after is not None:
-            await asyncio.sleep(cancel_after)
-            call.cancel()
+            done, _ = await asyncio.wait({task}, timeout=cancel_after)
+            if not done:
+                cancelled_by_us = True
+                call.cancel()
         outcome = await asyncio.wait_for(task, CALL_BOUND_S + 5)
     except asyncio.CancelledError:
-        outcome = "CLIENT_CANCELLED"
+        outcome = "CLIENT_CANCELLED" if cancelled_by_us else "BAD: cancelled, not by the client"
     except grpc.aio.AioRpcError as error:
         outcome = error.code().name
+        if error.code() == grpc.StatusCode.CANCELLED:
+            # CANCELLED is only ever the client's own doing; from the server it is a bug.
+            outcome = "CLIENT_CANCELLED" if cancelled_by_us else "SERVER_CANCELLED"
     except TimeoutError:
         report.hung += 1
         outcome = "HUNG"
@@ -97,7 +135,6 @@ async def _one(
 
 async def run_soak(address: str, requests: int, concurrency: int, seed: int) -> SoakReport:
     """Send ``requests`` mixed calls, at most ``concurrency`` at a time."""
-    rng = random.Random(seed)
     report = SoakReport()
     started = time.perf_counter()
     async with grpc.aio.insecure_channel(address) as channel:
@@ -106,7 +143,7 @@ async def run_soak(address: str, requests: int, concurrency: int, seed: int) -> 
 
         async def guarded(i: int) -> None:
             async with limiter:
-                await _one(stub, rng, i, report)
+                await _one(stub, seed, i, report)
 
         await asyncio.gather(*(guarded(i) for i in range(requests)))
     report.wall_s = time.perf_counter() - started
@@ -156,7 +193,14 @@ def main() -> None:
         f"hung {report.hung}; engine queued {stats.queued} running {stats.running}; "
         f"RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB ({growth:+.1%})"
     )
-    ok = report.hung == 0 and stats.queued == 0 and stats.running == 0 and growth <= 0.05
+    unexpected = set(report.outcomes) - EXPECTED_OUTCOMES
+    ok = (
+        not unexpected
+        and report.hung == 0
+        and stats.queued == 0
+        and stats.running == 0
+        and growth <= 0.05
+    )
     raise SystemExit(0 if ok else 1)
 
 
