@@ -226,7 +226,7 @@ def _run(args: argparse.Namespace) -> None:
                 print(_adapter_line(adapter))
         elif args.command in ("load-adapter", "unload-adapter"):
             if args.command == "load-adapter":
-                adapter = client.load_adapter(args.name, args.path, pin=args.pin)
+                adapter = client.load_adapter(args.name, args.path, pinned=args.pin)
             else:
                 adapter = client.unload_adapter(args.name)
             if args.json:

@@ -187,12 +187,12 @@ class PeftServeClient:
         return adapters_from_pb(response)
 
     def load_adapter(
-        self, name: str, path: str = "", *, pin: bool = False, timeout_s: float | None = None
+        self, name: str, path: str = "", *, pinned: bool = False, timeout_s: float | None = None
     ) -> AdapterInfo:
         """Load the adapter directory ``path`` (relative to the server's adapters root; default
         ``name``) as ``name``; returns it READY. Needs an admin token where the server has them.
         """
-        request = pb.LoadAdapterRequest(name=name, path=path, pin=pin)
+        request = pb.LoadAdapterRequest(name=name, path=path, pinned=pinned)
         try:
             response = self._stub.LoadAdapter(request, **self._call_kwargs(timeout_s))
         except grpc.RpcError as error:

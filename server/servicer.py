@@ -114,7 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadAdapterResponse:
         record().adapter = request.name
-        status = await self._engine().load_adapter(request.name, request.path, request.pin)
+        status = await self._engine().load_adapter(request.name, request.path, request.pinned)
         return pb.LoadAdapterResponse(adapter=convert.adapter_message(status))
 
     async def UnloadAdapter(  # noqa: N802

@@ -253,10 +253,10 @@ class Engine:
             raise AdapterStateError("the server has no adapters root (--adapters-dir)")
         return root
 
-    async def load_adapter(self, name: str, path: str = "", pin: bool = False) -> AdapterStatus:
+    async def load_adapter(self, name: str, path: str = "", pinned: bool = False) -> AdapterStatus:
         """Load ``path`` (relative to the adapters root; default ``name``) as ``name``.
 
-        Idempotent for the same name and path (a ``pin`` is applied). Raises
+        Idempotent for the same name and path (a ``pinned`` is applied). Raises
         ``InvalidRequestError`` (field ``name``/``path``), ``AdapterLoadError`` (the directory
         is unusable; the adapter is then FAILED), ``AdapterExistsError``,
         ``AdapterStateError`` (unloading) or ``AdapterBudgetError``.
@@ -279,13 +279,13 @@ class Engine:
                 status = await asyncio.shield(self._loads[name])
             else:
                 status = existing
-            if pin and not status.pinned:
+            if pinned and not status.pinned:
                 status = self._registry.set_state(name, status.state, pinned=True)
             return status
-        return await asyncio.shield(self._start_load(name, directory, relative, pin))
+        return await asyncio.shield(self._start_load(name, directory, relative, pinned))
 
     def _start_load(
-        self, name: str, directory: Path, relative: str, pin: bool
+        self, name: str, directory: Path, relative: str, pinned: bool
     ) -> asyncio.Future[AdapterStatus]:
         """Claim budget room and start loading in a task of its own (a caller that gives up
         does not leave a half-loaded adapter behind)."""
@@ -302,7 +302,7 @@ class Engine:
             self._registry.set_state(victim, AdapterState.UNLOADING)
         future: asyncio.Future[AdapterStatus] = self._loop.create_future()
         self._loads[name] = future
-        self._registry.set_state(name, AdapterState.LOADING, path=relative, pinned=pin)
+        self._registry.set_state(name, AdapterState.LOADING, path=relative, pinned=pinned)
         task = asyncio.create_task(self._load(name, directory, victim, future))
         self._load_tasks.add(task)
         task.add_done_callback(self._load_tasks.discard)
@@ -393,7 +393,7 @@ class Engine:
         status = self._registry.entry(name)
         if status is None and self._lazy_loadable(name):
             root = self._adapters_root()
-            self._start_load(name, resolve_adapter_dir(root, name), name, pin=False)
+            self._start_load(name, resolve_adapter_dir(root, name), name, pinned=False)
             status = self._registry.entry(name)
         if status is None or status.state is not AdapterState.LOADING:
             return

@@ -145,7 +145,7 @@ def test_lru_eviction_under_a_budget_spares_pinned(tmp_path: Path, server_factor
         client.generate(PROMPT, adapter="reverse", max_new_tokens=2)
         client.load_adapter("upper")
         assert states(client) == {"reverse": "ready", "upper": "ready"}
-        client.load_adapter("title", pin=True)
+        client.load_adapter("title", pinned=True)
         assert states(client) == {"reverse": "ready", "title": "ready"}
         with pytest.raises(PeftServeClientError) as full:
             client.load_adapter("upper")

@@ -1236,7 +1236,7 @@ class LoadAdapterRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
-    PIN_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests will use: letters, digits, ".", "_", "-"; must not be empty."""
     path: _builtins.str
@@ -1245,7 +1245,7 @@ class LoadAdapterRequest(_message.Message):
     (INVALID_ARGUMENT naming "path"). The directory needs adapter_config.json and
     adapter_model.safetensors; pickle weights are never loaded. Empty: the same as `name`.
     """
-    pin: _builtins.bool
+    pinned: _builtins.bool
     """Protect the adapter from least-recently-used eviction. False: it may be evicted when the
     adapter budget is full and it is idle.
     """
@@ -1254,11 +1254,11 @@ class LoadAdapterRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         path: _builtins.str = ...,
-        pin: _builtins.bool = ...,
+        pinned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path", "pin", b"pin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path", "pinned", b"pinned"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -125,7 +125,7 @@ class GenerationServiceServicer:
         """Loads an adapter from a directory under the server's adapters root and returns it READY.
 
         Idempotent: loading a name again from the same path returns the loaded adapter (and
-        applies `pin`). A new adapter may evict the least recently used unpinned, idle adapter
+        applies `pinned`). A new adapter may evict the least recently used unpinned, idle adapter
         when the server's adapter budget is full. A failed load leaves the adapter listed as
         ADAPTER_STATE_FAILED with its error, and the call fails with the reason. When the server
         has admin tokens configured this call needs one (`authorization: Bearer <admin token>`).
