@@ -37,6 +37,9 @@ class RequestRecord:
     queue_wait_ms: float = 0.0
     inference_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # perf_counter() when the interceptor took the call: the log line's total_ms and the
+    # request duration metric both measure from here.
+    started_s: float = field(default_factory=time.perf_counter)
 
 
 class RequestObserver(Protocol):
@@ -144,7 +147,7 @@ def _wrap_unary(
         token = current_record.set(entry)
         if observer is not None:
             observer.started(entry)
-        started = time.perf_counter()
+        started = entry.started_s
         status = "OK"
         try:
             return await behavior(request, context)
@@ -174,7 +177,7 @@ def _wrap_stream(
         token = current_record.set(entry)
         if observer is not None:
             observer.started(entry)
-        started = time.perf_counter()
+        started = entry.started_s
         status = "OK"
         try:
             async for response in behavior(request, context):

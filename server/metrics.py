@@ -1,10 +1,11 @@
 """Prometheus metrics on their own HTTP port (``--metrics-address``; off by default).
 
 Everything per request is recorded once, when the RPC ends, from the interceptor's
-``RequestRecord`` (status, adapter, tokens, queue wait, batch size, time to first token), so
-the engine's decoding loop carries no metrics code. Gauges that describe the present (in-flight
-RPCs, engine queue, adapters by state) are read at scrape time. Each server has its own
-``CollectorRegistry``: several servers in one process (tests) never share counters.
+``RequestRecord`` (status, adapter, tokens, durations, queue wait, batch size, time to first
+token), so the engine's decoding loop carries no metrics code. Gauges that describe the present
+(in-flight RPCs, engine queue, loaded adapters, adapters by state) are read at scrape time. Each
+server has its own ``CollectorRegistry``: several servers in one process (tests) never share
+counters.
 
 The endpoint is plain HTTP without auth: bind it to loopback or a private network.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
@@ -56,6 +58,11 @@ class _EngineCollector(Collector):
         )
         running.add_metric([], stats.running)
         yield running
+        loaded = GaugeMetricFamily(
+            "peftserve_loaded_adapters", "Adapters requests may name now (state ready)"
+        )
+        loaded.add_metric([], len(engine.adapters()))
+        yield loaded
         adapters = GaugeMetricFamily(
             "peftserve_adapters", "Known adapters by lifecycle state", labels=["state"]
         )
@@ -98,6 +105,13 @@ class ServerMetrics:
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
+        self.request_duration = Histogram(
+            "peftserve_request_duration_seconds",
+            "Time from the call's arrival to its final status, by method",
+            ["rpc"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "peftserve_batch_size",
             "Requests in the batch each finished request ran in",
@@ -120,15 +134,17 @@ class ServerMetrics:
         self.in_flight.labels(entry.method).dec()
         adapter = self._adapter_label(entry.adapter)
         self.requests.labels(entry.method, status, adapter).inc()
+        self.request_duration.labels(entry.method).observe(time.perf_counter() - entry.started_s)
+        ttft_ms = entry.extra.get("ttft_ms")
+        if ttft_ms is not None:
+            # Before the result check: a stream cancelled after its first token still had one.
+            self.ttft.observe(float(ttft_ms) / 1000.0)
         if "batch_size" not in entry.extra:
             return  # no generation result: nothing ran
         self.prompt_tokens.labels(adapter).inc(entry.prompt_tokens)
         self.completion_tokens.labels(adapter).inc(entry.completion_tokens)
         self.queue_wait.observe(entry.queue_wait_ms / 1000.0)
         self.batch_size.observe(float(entry.extra["batch_size"]))
-        ttft_ms = entry.extra.get("ttft_ms")
-        if ttft_ms is not None:
-            self.ttft.observe(float(ttft_ms) / 1000.0)
 
     def _adapter_label(self, name: str) -> str:
         if not name:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import time
 import urllib.request
 
 import pytest
@@ -12,56 +12,115 @@ from ..conftest import ServerThread
 
 pytest.importorskip("prometheus_client")
 
+from prometheus_client.parser import text_string_to_metric_families
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample line, labels matched exactly (order as exposed)."""
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
-        if match is None:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if found == labels:
-            return float(match.group(2))
-    raise AssertionError(f"no sample {name}{labels}")
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample of an exposition, keyed by (sample name, labels)."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample, labels matched exactly; a missing one fails with what exists instead."""
+    key = (name, frozenset(labels.items()))
+    if key not in samples:
+        present = sorted(str(dict(k[1])) for k in samples if k[0] == name)
+        raise AssertionError(f"no sample {name}{labels}; present: {present}")
+    return samples[key]
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return parse(response.read().decode())
+
+
+NOT_FOUND_KEY = (
+    "peftserve_requests_total",
+    frozenset({"rpc": "Generate", "status": "NOT_FOUND", "adapter": "(unknown)"}.items()),
+)
+
+
+def scrape_when(port: int, key: tuple[str, frozenset[tuple[str, str]]]) -> Samples:
+    """Scrape until ``key`` is present (at most 10 s).
+
+    A failed call is recorded after ``abort_with_status`` has sent its status, so the caller
+    can see the error a moment before the server has counted it.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(port)
+        if key in samples or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
 
 
 def test_metrics_scrape_after_requests() -> None:
     server = ServerThread(metrics_address="127.0.0.1:0")
     try:
         server.wait_ready()
-        with PeftServeClient(server.address, timeout_s=60) as client:
-            client.generate("abc", adapter="upper", max_new_tokens=3)
-            "".join(client.stream("abc", max_new_tokens=4))
-            with pytest.raises(PeftServeClientError):
-                client.generate("abc", adapter="no-such-adapter", max_new_tokens=3)
         port = server.server.metrics_port
         assert port
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-            text = response.read().decode()
+        with PeftServeClient(server.address, timeout_s=60) as client:
+            adapters = client.list_adapters()
+            before = scrape(port)
+            client.generate("abc", adapter="upper", max_new_tokens=3)
+            deltas = list(client.stream("abc", max_new_tokens=4))
+            with pytest.raises(PeftServeClientError) as failure:
+                client.generate("abc", adapter="no-such-adapter", max_new_tokens=3)
+        samples = scrape_when(port, NOT_FOUND_KEY)
     finally:
         server.stop(grace_s=1.0)
-    labels = {"rpc": "Generate", "status": "OK", "adapter": "upper"}
-    assert sample(text, "peftserve_requests_total", **labels) == 1
-    assert (
-        sample(text, "peftserve_requests_total", rpc="StreamGenerate", status="OK", adapter="") == 1
+    assert failure.value.code.name == "NOT_FOUND"
+    assert deltas
+    # Nothing had been generated at the first scrape: the counts below are these requests'.
+    generation_rpcs = {("rpc", "Generate"), ("rpc", "StreamGenerate")}
+    assert not any(
+        name == "peftserve_requests_total" and labels & generation_rpcs for name, labels in before
     )
-    # A caller-chosen unknown name never becomes a label value.
-    assert (
-        sample(
-            text,
-            "peftserve_requests_total",
-            rpc="Generate",
-            status="NOT_FOUND",
-            adapter="(unknown)",
-        )
-        == 1
-    )
-    assert "no-such-adapter" not in text
-    assert sample(text, "peftserve_completion_tokens_total", adapter="upper") == 3
-    assert sample(text, "peftserve_prompt_tokens_total", adapter="") > 0
-    assert sample(text, "peftserve_queue_wait_seconds_count") == 2
-    assert sample(text, "peftserve_time_to_first_token_seconds_count") == 1
-    assert sample(text, "peftserve_batch_size_count") == 2
-    assert sample(text, "peftserve_in_flight_requests", rpc="Generate") == 0
-    assert sample(text, "peftserve_adapters", state="ready") >= 2
-    assert sample(text, "peftserve_engine_queued_requests") == 0
+
+    requests = "peftserve_requests_total"
+    assert value(samples, requests, rpc="Generate", status="OK", adapter="upper") == 1
+    assert value(samples, requests, rpc="StreamGenerate", status="OK", adapter="") == 1
+    assert value(samples, requests, rpc="ListAdapters", status="OK", adapter="") == 1
+    # A caller-chosen unknown name never becomes a label value (unbounded series).
+    assert value(samples, requests, rpc="Generate", status="NOT_FOUND", adapter="(unknown)") == 1
+    assert not any("no-such-adapter" in dict(labels).values() for _, labels in samples)
+
+    assert value(samples, "peftserve_completion_tokens_total", adapter="upper") == 3
+    assert value(samples, "peftserve_completion_tokens_total", adapter="") == 4
+    assert value(samples, "peftserve_prompt_tokens_total", adapter="upper") > 0
+    assert value(samples, "peftserve_prompt_tokens_total", adapter="") > 0
+    # The NOT_FOUND request never reached the engine: no tokens, no queue wait, no batch.
+    assert ("peftserve_prompt_tokens_total", frozenset({("adapter", "(unknown)")})) not in samples
+
+    # Histograms: one observation per generation that ran (two), TTFT for the stream only.
+    assert value(samples, "peftserve_queue_wait_seconds_count") == 2
+    assert value(samples, "peftserve_batch_size_count") == 2
+    # Requests ran one at a time, so each batch held exactly one request.
+    assert value(samples, "peftserve_batch_size_sum") == 2
+    assert value(samples, "peftserve_batch_size_bucket", le="1.0") == 2
+    assert value(samples, "peftserve_time_to_first_token_seconds_count") == 1
+    assert 0 < value(samples, "peftserve_time_to_first_token_seconds_sum") < 60
+    duration = "peftserve_request_duration_seconds_count"
+    assert value(samples, duration, rpc="Generate") == 2
+    assert value(samples, duration, rpc="StreamGenerate") == 1
+    assert value(samples, "peftserve_request_duration_seconds_sum", rpc="Generate") > 0
+
+    # Scrape-time gauges.
+    assert value(samples, "peftserve_in_flight_requests", rpc="Generate") == 0
+    assert value(samples, "peftserve_in_flight_requests", rpc="StreamGenerate") == 0
+    assert value(samples, "peftserve_loaded_adapters") == len(adapters) == 3
+    assert value(samples, "peftserve_adapters", state="ready") == len(adapters)
+    assert value(samples, "peftserve_engine_queued_requests") == 0
+    assert value(samples, "peftserve_engine_running_requests") == 0
+
+
+def test_metrics_off_by_default(demo_server: ServerThread) -> None:
+    assert demo_server.server.metrics is None
+    assert demo_server.server.metrics_port is None
