@@ -35,6 +35,18 @@ from .types import AdapterInfo, EffectiveParams, EngineLimits, GenerationRequest
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 MAX_SEED = 2**63 - 1
+# Numeric bounds that keep every score finite. Logits are divided by the temperature and by
+# the repetition penalty and shifted by sequence biases, in float32 (max ~3.4e38): beyond these
+# bounds a score overflows to inf, the softmax turns it into NaN and sampling fails (found by
+# fuzzing: temperature=1e-45, repetition_penalty=1e-38 with sampling, bias 3e38). Within them
+# the product stays below ~1e30 for any realistic logit, and every value is far outside what
+# changes a result in practice (temperature 1e-6 is already greedy).
+MIN_TEMPERATURE = 1e-6
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+MAX_ABS_SEQUENCE_BIAS = 1e9
+# transformers computes ``new_tokens ** length_penalty`` in Python floats for every finished
+# beam: 3e38 raised OverflowError. |10| keeps it finite up to any context length we could see.
+MAX_ABS_LENGTH_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,12 @@ def check_parameters(
                 "parameters.temperature",
                 "must be > 0 when sampling; for greedy set do_sample=false",
             )
+        elif do_sample and p.temperature < MIN_TEMPERATURE:
+            bad(
+                "parameters.temperature",
+                f"must be >= {MIN_TEMPERATURE:g} when sampling (smaller overflows the scores); "
+                "for greedy set do_sample=false",
+            )
     if p.top_p is not None and not (_finite(p.top_p) and 0 < p.top_p <= 1):
         bad("parameters.top_p", "must be in (0, 1]")
     if p.top_k is not None and p.top_k < 0:
@@ -129,14 +147,20 @@ def check_parameters(
                     f"parameters.{name}",
                     "only applies when sampling; set parameters.do_sample=true",
                 )
+    low, high = REPETITION_PENALTY_RANGE
     if p.repetition_penalty is not None and not (
-        _finite(p.repetition_penalty) and p.repetition_penalty > 0
+        _finite(p.repetition_penalty) and low <= p.repetition_penalty <= high
     ):
-        bad("parameters.repetition_penalty", "must be a finite number > 0")
+        bad("parameters.repetition_penalty", f"must be in [{low:g}, {high:g}]")
     if p.no_repeat_ngram_size is not None and p.no_repeat_ngram_size < 0:
         bad("parameters.no_repeat_ngram_size", "must not be negative")
-    if p.length_penalty is not None and not _finite(p.length_penalty):
-        bad("parameters.length_penalty", "must be finite")
+    if p.length_penalty is not None and not (
+        _finite(p.length_penalty) and abs(p.length_penalty) <= MAX_ABS_LENGTH_PENALTY
+    ):
+        bad(
+            "parameters.length_penalty",
+            f"must be in [{-MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}]",
+        )
     if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
         bad("parameters.seed", f"must be in [0, {MAX_SEED}]")
     num_beams = 1 if p.num_beams is None else p.num_beams
@@ -191,8 +215,11 @@ def check_parameters(
                 f"parameters.sequence_bias[{i}].text",
                 f"longer than {limits.max_constraint_length} characters",
             )
-        if not _finite(bias):
-            bad(f"parameters.sequence_bias[{i}].bias", "must be finite")
+        if not (_finite(bias) and abs(bias) <= MAX_ABS_SEQUENCE_BIAS):
+            bad(
+                f"parameters.sequence_bias[{i}].bias",
+                f"must be in [{-MAX_ABS_SEQUENCE_BIAS:g}, {MAX_ABS_SEQUENCE_BIAS:g}]",
+            )
     if not 0 <= o.top_logprobs <= limits.max_top_logprobs:
         bad("options.top_logprobs", f"must be in [0, {limits.max_top_logprobs}]")
     elif o.top_logprobs > 0 and not o.return_logprobs:

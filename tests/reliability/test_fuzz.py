@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from peftserve.v1 import generation_pb2 as pb
 from peftserve.v1 import generation_pb2_grpc as pb_grpc
@@ -71,6 +71,62 @@ def plausible_requests(draw: st.DrawFn) -> pb.GenerateRequest:
             include_special_tokens=draw(st.booleans()),
         ),
     )
+
+
+FLOAT32_MAX = float.fromhex("0x1.fffffep+127")
+FLOAT32_TINIEST = float.fromhex("0x1p-149")  # the smallest denormal
+# Every positive float32 from the smallest denormal up: where scores overflow to inf.
+positive_float32 = st.floats(FLOAT32_TINIEST, FLOAT32_MAX, width=32)
+any_float32 = st.floats(-FLOAT32_MAX, FLOAT32_MAX, width=32)
+
+
+@st.composite
+def extreme_requests(draw: st.DrawFn) -> pb.GenerateRequest:
+    """Otherwise valid requests with one or more numbers at the edge of their range.
+
+    Mostly-invalid chaotic requests rarely reach the model with an extreme value; these do,
+    which is where a score overflowing to inf/NaN would surface as INTERNAL.
+    """
+    params: dict[str, Any] = {"max_new_tokens": draw(st.integers(1, 6))}
+    if draw(st.booleans()):
+        params.update(
+            do_sample=True,
+            temperature=draw(
+                st.one_of(st.sampled_from([1e-45, 1e-30, 1e-6, 3e38]), positive_float32)
+            ),
+            seed=draw(st.integers(0, 2**63 - 1)),
+        )
+        for name in ("top_p", "typical_p", "min_p"):
+            if draw(st.booleans()):
+                params[name] = draw(st.sampled_from([1e-30, 1e-6, 0.5, 1.0]))
+        if draw(st.booleans()):
+            params["top_k"] = draw(st.sampled_from([1, 2, UINT32_MAX]))
+    elif draw(st.booleans()):
+        params.update(
+            num_beams=2,
+            length_penalty=draw(st.one_of(st.sampled_from([-3e38, 3e38, 10.0]), any_float32)),
+        )
+    if draw(st.booleans()):
+        params["repetition_penalty"] = draw(
+            st.one_of(st.sampled_from([1e-45, 1e-38, 1e-6, 1e6, 3e38]), positive_float32)
+        )
+    if draw(st.booleans()):
+        params["no_repeat_ngram_size"] = draw(st.sampled_from([1, 2, UINT32_MAX]))
+    biases = draw(
+        st.lists(st.one_of(st.sampled_from([-3e38, -1e9, 1e9, 3e38]), any_float32), max_size=2)
+    )
+    params["sequence_bias"] = [
+        pb.SequenceBias(text=text, bias=bias) for text, bias in zip("ae", biases, strict=False)
+    ]
+    return pb.GenerateRequest(
+        text=draw(st.sampled_from(["ab", "hello world", "aaaa"])),
+        adapter=draw(st.sampled_from(["", "upper"])),
+        parameters=pb.GenerationParameters(**params),
+    )
+
+
+def _regression(**params: Any) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text="ab", parameters=pb.GenerationParameters(**params))
 
 
 @st.composite
@@ -158,12 +214,29 @@ def test_every_request_gets_ok_or_a_precise_error(fuzz_server: ServerThread) -> 
     seen: dict[str, int] = {}
 
     @settings(
-        max_examples=120,
+        max_examples=150,
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(request=st.one_of(plausible_requests(), chaotic_requests()), streaming=st.booleans())
+    @given(
+        request=st.one_of(plausible_requests(), chaotic_requests(), extreme_requests()),
+        streaming=st.booleans(),
+    )
+    # Found by fuzzing (each was INTERNAL): scores overflowed to inf and sampling got NaN, or
+    # transformers' ``length ** length_penalty`` overflowed. Now INVALID_ARGUMENT on the field.
+    @example(request=_regression(do_sample=True, temperature=1e-45), streaming=False)
+    @example(
+        request=_regression(do_sample=True, temperature=1e-30, repetition_penalty=1e-38),
+        streaming=True,
+    )
+    @example(
+        request=_regression(
+            do_sample=True, temperature=0.5, sequence_bias=[pb.SequenceBias(text="a", bias=3e38)]
+        ),
+        streaming=False,
+    )
+    @example(request=_regression(num_beams=2, length_penalty=3e38), streaming=False)
     def check(request: pb.GenerateRequest, streaming: bool) -> None:
         try:
             if streaming:
