@@ -50,21 +50,27 @@ def states(client: PeftServeClient) -> dict[str, str]:
 
 
 def test_load_list_generate_unload_then_not_found(tmp_path: Path, server_factory: Any) -> None:
-    root = make_root(tmp_path)
+    root = make_root(tmp_path, "upper")
     shutil.copytree(DEMO_ADAPTERS / "upper", root / "team" / "upper-v2")
     server = server_factory(adapters_dir=root)
     with PeftServeClient(server.address, timeout_s=60) as client:
-        assert client.list_adapters() == ()
+        assert states(client) == {"upper": "ready"}  # the nested copy is not discovered
+        original = client.load_adapter("upper")  # already loaded at startup: returns it
         loaded = client.load_adapter("shout", "team/upper-v2")
         assert loaded.state == "ready" and loaded.peft_type == "LORA" and loaded.rank
         assert loaded.target_modules and loaded.path == "team/upper-v2"
         assert len(loaded.sha256) == 64
-        (listed,) = client.list_adapters()
-        assert (listed.name, listed.state, listed.sha256) == ("shout", "ready", loaded.sha256)
-        out = client.generate(PROMPT, adapter="shout", max_new_tokens=len(PROMPT) + 1)
+        assert loaded.sha256 == original.sha256  # same bytes under another name and path
+        listed = {a.name: a for a in client.list_adapters()}["shout"]
+        assert (listed.state, listed.sha256) == ("ready", loaded.sha256)
+        kwargs: dict[str, Any] = {"max_new_tokens": len(PROMPT) + 1, "return_token_ids": True}
+        out = client.generate(PROMPT, adapter="shout", **kwargs)
         assert out.adapter_sha256 == loaded.sha256
-        assert PROMPT.upper() in out.text
-        used = client.list_adapters()[0]
+        assert PROMPT.upper() in out.text  # the adapter's effect, not the base model's
+        reference = client.generate(PROMPT, adapter="upper", **kwargs)
+        assert out.sequences[0].token_ids == reference.sequences[0].token_ids
+        assert out.text == reference.text
+        used = {a.name: a for a in client.list_adapters()}["shout"]
         assert used.last_used is not None and abs(used.last_used - time.time()) < 60
         assert used.in_flight_requests == 0
         # Loading the same name and path again is a no-op that returns it.
@@ -74,7 +80,8 @@ def test_load_list_generate_unload_then_not_found(tmp_path: Path, server_factory
         assert exists.value.code == grpc.StatusCode.ALREADY_EXISTS
         unloaded = client.unload_adapter("shout")
         assert unloaded.name == "shout"
-        assert client.list_adapters() == ()
+        assert states(client) == {"upper": "ready"}  # the original is untouched
+        assert client.generate(PROMPT, adapter="upper", **kwargs).text == reference.text
         with pytest.raises(PeftServeClientError) as gone:
             client.generate(PROMPT, adapter="shout", max_new_tokens=2)
         assert gone.value.code == grpc.StatusCode.NOT_FOUND
@@ -129,6 +136,36 @@ def test_unsafe_paths_and_pickle_weights_are_refused_by_field(
         with pytest.raises(PeftServeClientError) as not_ready:
             client.generate(PROMPT, adapter="x", max_new_tokens=2)
         assert not_ready.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_startup_discovery_refuses_adapters_that_resolve_outside_the_root(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    root = make_root(tmp_path, "upper")
+    outside = tmp_path / "outside"
+    shutil.copytree(DEMO_ADAPTERS / "title", outside / "title")
+    # A directory symlink leading out, and a real directory whose weights file links out.
+    (root / "escape").symlink_to(outside / "title", target_is_directory=True)
+    (root / "weights-link").mkdir()
+    shutil.copy(DEMO_ADAPTERS / "title" / "adapter_config.json", root / "weights-link")
+    (root / "weights-link" / "adapter_model.safetensors").symlink_to(
+        outside / "title" / "adapter_model.safetensors"
+    )
+    server = server_factory(adapters_dir=root)
+    with PeftServeClient(server.address, timeout_s=60) as client:
+        listed = {a.name: a for a in client.list_adapters()}
+        assert {n: a.state for n, a in listed.items()} == {
+            "escape": "failed",
+            "upper": "ready",
+            "weights-link": "failed",
+        }
+        assert "outside the adapters root" in listed["escape"].error
+        assert "outside the adapters root" in listed["weights-link"].error
+        for name in ("escape", "weights-link"):
+            with pytest.raises(PeftServeClientError) as refused:
+                client.generate(PROMPT, adapter=name, max_new_tokens=2)
+            assert refused.value.code == grpc.StatusCode.NOT_FOUND
+        assert client.generate(PROMPT, adapter="upper", max_new_tokens=3).text
 
 
 def test_lru_eviction_under_a_budget_spares_pinned(tmp_path: Path, server_factory: Any) -> None:
