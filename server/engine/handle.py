@@ -45,6 +45,10 @@ class RequestHandle:
             return
         if isinstance(outcome, BaseException):
             self._future.set_exception(outcome)
+            # Mark it retrieved: a caller that already left (client cancel or deadline; the
+            # servicer's await of the shielded future was cancelled) never reads it, and asyncio
+            # would log "Future exception was never retrieved" for each such request.
+            self._future.exception()
         else:
             self._future.set_result(outcome)
         if self._events is not None:

@@ -13,7 +13,7 @@ from peftserve.v1 import generation_pb2_grpc as pb_grpc
 from ..conftest import ServerThread
 from ..server.status_details import details_of
 
-BURST = 150
+BURST = 200
 
 
 def test_burst_beyond_queue_capacity() -> None:
@@ -53,13 +53,14 @@ def test_burst_beyond_queue_capacity() -> None:
                 ok += 1
         assert ok >= 8, "at least a queue's worth of requests is admitted"
         assert len(rejection_ms) >= BURST // 2, "most of the burst is rejected"
-        p50 = statistics.median(rejection_ms)
-        p99 = sorted(rejection_ms)[int(len(rejection_ms) * 0.99) - 1]
+        cuts = statistics.quantiles(rejection_ms, n=100, method="inclusive")
+        p50, p99 = cuts[49], cuts[98]
         print(
             f"\nburst {BURST}: {ok} admitted, {len(rejection_ms)} rejected; "
             f"rejection latency p50 {p50:.1f} ms, p99 {p99:.1f} ms"
         )
-        # A rejection happens at admission, never after waiting for a slot.
-        assert p50 < 2000
+        # A rejection happens at admission, never after waiting for a slot: even the slowest
+        # come well before the first admitted batch of 40 forced tokens could free one.
+        assert p50 < 2000 and p99 < 5000
     finally:
         server.stop()
