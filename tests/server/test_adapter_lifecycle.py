@@ -248,29 +248,54 @@ def test_watch_sees_the_current_set_then_load_and_unload(
 def test_unload_waits_for_in_flight_requests(tmp_path: Path, server_factory: Any) -> None:
     root = make_root(tmp_path, "upper")
     server = server_factory(adapters_dir=root)
-    with PeftServeClient(server.address, timeout_s=60) as client:
-        long = threading.Thread(
-            target=lambda: results.append(
-                client.generate(PROMPT, adapter="upper", max_new_tokens=200, min_new_tokens=200)
+    # Hold the worker thread between batches, so the request below stays admitted (in flight)
+    # until the test says so: no race against how fast this machine generates.
+    gate = threading.Event()
+    server.server.engine()._batcher.run_between_batches(lambda: gate.wait(60))
+    results: list[Any] = []
+    unloaded: list[Any] = []
+    try:
+        with PeftServeClient(server.address, timeout_s=60) as client:
+            long = threading.Thread(
+                target=lambda: results.append(
+                    client.generate(PROMPT, adapter="upper", max_new_tokens=50, min_new_tokens=50)
+                ),
+                daemon=True,
             )
-        )
-        results: list[Any] = []
-        long.start()
-        deadline = time.monotonic() + 30
-        while client.list_adapters()[0].in_flight_requests == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        # Too short a deadline: the unload is refused and changes nothing.
-        with pytest.raises(PeftServeClientError) as early:
-            client.unload_adapter("upper", timeout_s=0.2)
-        assert early.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(0.1)  # the server notices the deadline on its next poll
-        assert states(client) == {"upper": "ready"}
-        unloaded = client.unload_adapter("upper")
-        long.join(60)
-        # The in-flight request finished with the adapter; only then was it removed.
-        assert results and results[0].sequences[0].finish_reason == "length"
-        assert unloaded.name == "upper" and client.list_adapters() == ()
+            long.start()
+            deadline = time.monotonic() + 30
+            while client.list_adapters()[0].in_flight_requests == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            # Too short a deadline: the unload is refused and changes nothing.
+            with pytest.raises(PeftServeClientError) as early:
+                client.unload_adapter("upper", timeout_s=0.2)
+            assert early.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            while states(client) != {"upper": "ready"}:  # noticed on the server's next poll
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            unloader = threading.Thread(
+                target=lambda: unloaded.append(client.unload_adapter("upper")), daemon=True
+            )
+            unloader.start()
+            while states(client) != {"upper": "unloading"}:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            # While it waits, new requests naming the adapter are refused at once...
+            with pytest.raises(PeftServeClientError) as refused:
+                client.generate(PROMPT, adapter="upper", max_new_tokens=2)
+            assert refused.value.code == grpc.StatusCode.NOT_FOUND
+            # ...and it does not return while the admitted request is still unfinished.
+            time.sleep(0.2)
+            assert not unloaded and not results
+            gate.set()
+            long.join(60)
+            unloader.join(60)
+            assert results and results[0].sequences[0].finish_reason == "length"
+            assert results[0].text.startswith(PROMPT.upper())  # it ran with the adapter
+            assert unloaded and unloaded[0].name == "upper" and client.list_adapters() == ()
+    finally:
+        gate.set()
 
 
 @pytest.mark.parametrize("lazy", [True, False])
