@@ -76,11 +76,14 @@ COMPLETE = {
 }
 
 
-def _incomplete(sequences: Sequence[pb.Sequence]) -> str | None:
+def _incomplete(sequences: Sequence[pb.Sequence], short_deadline: bool) -> str | None:
     if not sequences:
         return "OK without sequences"
     reasons = [s.finish_reason for s in sequences]
-    if any(r not in COMPLETE for r in reasons):
+    # The engine may see a short deadline pass a moment before gRPC does; it then answers OK
+    # with the tokens so far, marked DEADLINE_EXCEEDED: partial, but said so.
+    allowed = COMPLETE | {pb.FINISH_REASON_DEADLINE_EXCEEDED} if short_deadline else COMPLETE
+    if any(r not in allowed for r in reasons):
         return f"OK with finish reasons {[pb.FinishReason.Name(r) for r in reasons]}"
     return None
 
@@ -105,10 +108,10 @@ async def _one(stub: pb_grpc.GenerationServiceStub, seed: int, i: int, report: S
                     summary = message.summary
             if summary is None:
                 return "BAD: stream ended OK without a summary"
-            problem = _incomplete(summary.sequences)
+            problem = _incomplete(summary.sequences, timeout < CALL_BOUND_S)
         else:
             response = await call
-            problem = _incomplete(response.sequences)
+            problem = _incomplete(response.sequences, timeout < CALL_BOUND_S)
         return f"BAD: {problem}" if problem else "OK"
 
     task = asyncio.ensure_future(consume())
@@ -180,7 +183,9 @@ def main() -> None:
     server = ServerThread()
     server.wait_ready()
     try:
-        asyncio.run(run_soak(server.address, 300, args.concurrency, args.seed + 1))  # warm-up
+        # Warm-up long enough for allocator pools and caches to settle, so growth after it
+        # means a leak rather than first-use allocations.
+        asyncio.run(run_soak(server.address, 1000, args.concurrency, args.seed + 1))
         before = rss_bytes()
         report = asyncio.run(run_soak(server.address, args.requests, args.concurrency, args.seed))
         after = rss_bytes()
