@@ -157,6 +157,8 @@ class Batcher:
             queued = job in self._queue
             if queued:
                 self._queue.remove(job)
+                # Every path out of the queue must drop the job's key, or each cancel leaks one.
+                self._keys.pop(id(job), None)
                 job.done = True
                 self._completed += 1
         if queued:
