@@ -18,7 +18,7 @@ from peftserve.v1 import generation_pb2_grpc as pb_grpc
 from . import convert
 from .engine.engine import Engine, RequestHandle
 from .engine.errors import DeadlineExceededError, InvalidRequestError
-from .engine.types import AdapterEvent, GenerationRequest, GenerationResult
+from .engine.types import GenerationRequest, GenerationResult
 from .interceptor import record
 
 
@@ -131,21 +131,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def WatchAdapters(  # noqa: N802
         self, request: pb.WatchAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchAdaptersResponse]:
-        engine = self._engine()
-        # Unbounded on purpose: adapter changes are rare admin actions, and a bounded queue
-        # would have to drop changes, which a watcher could never notice.
-        changes: asyncio.Queue[AdapterEvent] = asyncio.Queue()
-        # Subscribe before taking the snapshot (both on the loop thread, nothing in between):
-        # every change after the snapshot is then in the queue.
-        unsubscribe = engine.subscribe_adapters(changes.put_nowait)
-        try:
-            for status in engine.adapter_statuses():
+        with self._engine().watch_adapters() as watch:
+            for status in watch.snapshot:
                 yield convert.existing_adapter_event(status)
             yield pb.WatchAdaptersResponse(kind=pb.ADAPTER_EVENT_KIND_SYNCED)
             while True:
-                yield convert.adapter_event(await changes.get())
-        finally:
-            unsubscribe()
+                yield convert.adapter_event(await watch.events.get())
 
 
 async def _until_done(

@@ -12,10 +12,11 @@ mutation itself on the worker thread between batches (``Batcher.run_between_batc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,9 +47,11 @@ from .registry import (
 )
 from .runner import BatchKey, ModelRunner
 from .types import (
+    AdapterEvent,
     AdapterInfo,
     AdapterState,
     AdapterStatus,
+    AdapterWatch,
     EngineLimits,
     GenerationRequest,
     ModelInfo,
@@ -183,8 +186,39 @@ class Engine:
         return self._registry.statuses()
 
     def subscribe_adapters(self, listener: AdapterListener) -> Callable[[], None]:
-        """Call ``listener`` (on the loop thread) on every adapter state change."""
+        """Call ``listener`` (on the thread making the change) on every adapter state change."""
         return self._registry.subscribe(listener)
+
+    @contextlib.contextmanager
+    def watch_adapters(self) -> Iterator[AdapterWatch]:
+        """A snapshot of every known adapter and an asyncio queue of the changes after it.
+
+        Call on the loop thread. The queue is unbounded on purpose: adapter changes are rare
+        admin actions, and a bounded queue would have to drop changes, which a watcher could
+        never notice. Leaving the ``with`` block stops the feed.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[AdapterEvent] = asyncio.Queue()
+
+        def feed(event: AdapterEvent) -> None:
+            # Changes are made on the loop today; a thread-safe hand-off keeps a change made
+            # on another thread from corrupting the queue.
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            if on_loop:
+                events.put_nowait(event)
+            else:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        # Subscribe, then snapshot, with nothing in between that could yield to the loop:
+        # every change after the snapshot is in the queue, none before it.
+        unsubscribe = self._registry.subscribe(feed)
+        try:
+            yield AdapterWatch(tuple(self._registry.statuses()), events)
+        finally:
+            unsubscribe()
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

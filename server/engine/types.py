@@ -7,6 +7,7 @@ here imports gRPC or protobuf.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 
@@ -256,3 +257,14 @@ class AdapterEventKind(enum.Enum):
 class AdapterEvent:
     kind: AdapterEventKind
     status: AdapterStatus
+
+
+@dataclass(frozen=True)
+class AdapterWatch:
+    """One watcher's view: every adapter known when it started, then each change after that.
+
+    ``events`` is the watcher's own queue, fed on the event loop until the watch ends.
+    """
+
+    snapshot: tuple[AdapterStatus, ...]
+    events: asyncio.Queue[AdapterEvent]

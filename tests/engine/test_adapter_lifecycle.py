@@ -1,0 +1,88 @@
+"""Engine.load_adapter/unload_adapter/watch_adapters without gRPC, on both test models."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from peftserve.server.engine import Engine
+from peftserve.server.engine.errors import AdapterLoadError, AdapterNotFoundError
+from peftserve.server.engine.types import (
+    AdapterEvent,
+    AdapterEventKind,
+    AdapterState,
+    GenerationParams,
+    GenerationRequest,
+)
+
+from .conftest import ModelFiles, engine_config
+
+
+def request(adapter: str) -> GenerationRequest:
+    return GenerationRequest(
+        f"r-{adapter or 'base'}",
+        text="the quick brown fox",
+        adapter=adapter,
+        parameters=GenerationParams(max_new_tokens=12, min_new_tokens=12),
+    )
+
+
+def drain(queue: asyncio.Queue[AdapterEvent]) -> list[tuple[AdapterEventKind, str, AdapterState]]:
+    seen = []
+    while not queue.empty():
+        event = queue.get_nowait()
+        seen.append((event.kind, event.status.name, event.status.state))
+    return seen
+
+
+def test_load_generate_unload_with_a_watch(
+    model_files: ModelFiles, aio: asyncio.Runner, tmp_path: Path
+) -> None:
+    root = tmp_path / "adapters"
+    shutil.copytree(model_files.adapters / "upper", root / "upper")
+    # Nested: not discovered at startup, only loadable by path.
+    shutil.copytree(model_files.adapters / "upper", root / "team" / "upper-v2")
+    engine = Engine(engine_config(model_files, adapters_dir=root))
+    aio.run(engine.start())
+
+    async def body() -> None:
+        with engine.watch_adapters() as watch:
+            assert [s.name for s in watch.snapshot] == ["upper"]
+            loaded = await engine.load_adapter("shout", "team/upper-v2", pinned=True)
+            assert loaded.state is AdapterState.READY and loaded.pinned
+            assert loaded.path == "team/upper-v2" and loaded.info is not None
+            original = engine.registry.get("upper")
+            assert original is not None and loaded.info.sha256 == original.sha256
+            copy, upper, base = [
+                await engine.submit(request(name)).result() for name in ("shout", "upper", "")
+            ]
+            # Same weights under another name: the same tokens; and the adapter really acts.
+            assert copy.sequences[0].token_ids == upper.sequences[0].token_ids
+            assert copy.sequences[0].token_ids != base.sequences[0].token_ids
+            last = await engine.unload_adapter("shout")
+            assert last.last_used is not None and last.in_flight == 0
+            assert [s.name for s in engine.adapter_statuses()] == ["upper"]
+            with pytest.raises(AdapterNotFoundError):
+                engine.submit(request("shout"))
+            with pytest.raises(AdapterLoadError):
+                await engine.load_adapter("nothing", "team")  # no adapter_config.json there
+            failed = engine.registry.entry("nothing")
+            assert failed is not None and failed.state is AdapterState.FAILED and failed.error
+            assert drain(watch.events) == [
+                (AdapterEventKind.CHANGED, "shout", AdapterState.LOADING),
+                (AdapterEventKind.CHANGED, "shout", AdapterState.READY),
+                (AdapterEventKind.CHANGED, "shout", AdapterState.UNLOADING),
+                (AdapterEventKind.REMOVED, "shout", AdapterState.UNLOADING),
+                (AdapterEventKind.CHANGED, "nothing", AdapterState.LOADING),
+                (AdapterEventKind.CHANGED, "nothing", AdapterState.FAILED),
+            ]
+        # The watch has ended: later changes reach no queue.
+        await engine.unload_adapter("nothing")
+        assert watch.events.empty()
+
+    try:
+        aio.run(body())
+    finally:
+        aio.run(engine.stop())
