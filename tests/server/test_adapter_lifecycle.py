@@ -345,6 +345,35 @@ def test_admin_token_is_required_when_configured(tmp_path: Path, server_factory:
         assert not_caller.value.code == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_admin_tokens_alone_guard_only_load_and_unload(tmp_path: Path, server_factory: Any) -> None:
+    from peftserve.server.config import config_from_args
+
+    root = make_root(tmp_path, "upper")
+    admin, other = "admin-" + "a" * 32, "other-" + "o" * 32
+    tokens_file = tmp_path / "admin-tokens"
+    tokens_file.write_text(f"# operators\n{admin}\n")
+    # The flag and the environment variable both reach the config.
+    parsed = config_from_args(
+        ["--admin-tokens-file", str(tokens_file)], env={"PEFTSERVE_ADMIN_TOKENS": f" {other} "}
+    )
+    assert (parsed.admin_tokens_file, parsed.admin_tokens) == (tokens_file, (other,))
+    server = server_factory(adapters_dir=root, admin_tokens_file=tokens_file)
+    with PeftServeClient(server.address, timeout_s=60) as anonymous:
+        # No caller tokens configured: everything but the admin RPCs stays open.
+        assert anonymous.generate(PROMPT, adapter="upper", max_new_tokens=2).sequences
+        assert [a.name for a in anonymous.list_adapters()] == ["upper"]
+        with pytest.raises(PeftServeClientError) as missing:
+            anonymous.unload_adapter("upper")
+        assert missing.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with PeftServeClient(server.address, token=other, timeout_s=60) as wrong:
+        with pytest.raises(PeftServeClientError) as denied:
+            wrong.load_adapter("again", "upper")
+        assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with PeftServeClient(server.address, token=admin, timeout_s=60) as as_admin:
+        assert as_admin.load_adapter("again", "upper").state == "ready"
+        assert as_admin.unload_adapter("again").name == "again"
+
+
 def test_cli_load_and_unload_adapter(
     tmp_path: Path, server_factory: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
