@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from ..conftest import ServerThread
-from .soak import EXPECTED_OUTCOMES, rss_bytes, run_soak, wait_idle
+from .soak import EXPECTED_OUTCOMES, leftover_bookkeeping, rss_bytes, run_soak, wait_idle
 
 
 def test_quick_soak_leaves_no_state_and_no_growth() -> None:
@@ -17,6 +17,7 @@ def test_quick_soak_leaves_no_state_and_no_growth() -> None:
         report = asyncio.run(run_soak(server.address, requests=300, concurrency=32, seed=2))
         after = rss_bytes()
         stats = wait_idle(server)
+        leftovers = leftover_bookkeeping(server)
     finally:
         server.stop()
     growth = (after - before) / before
@@ -24,6 +25,7 @@ def test_quick_soak_leaves_no_state_and_no_growth() -> None:
     assert report.requests == 300
     assert report.hung == 0
     assert stats.queued == 0 and stats.running == 0
+    assert leftovers == 0
     assert report.outcomes["OK"] > 150
     # Only these outcomes are legitimate under client cancels and short deadlines.
     assert set(report.outcomes) <= EXPECTED_OUTCOMES, report.outcomes
