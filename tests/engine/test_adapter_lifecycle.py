@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from peftserve.server.engine import Engine
 from peftserve.server.engine.errors import AdapterLoadError, AdapterNotFoundError
+from peftserve.server.engine.registry import shares_base_weights
 from peftserve.server.engine.types import (
     AdapterEvent,
     AdapterEventKind,
@@ -84,5 +85,27 @@ def test_load_generate_unload_with_a_watch(
 
     try:
         aio.run(body())
+    finally:
+        aio.run(engine.stop())
+
+
+def test_loading_a_new_peft_type_creates_its_group_over_the_shared_base(
+    model_files: ModelFiles, aio: asyncio.Runner, tmp_path: Path
+) -> None:
+    # The demo model's second type is LoHa ("title"); the random model's is IA3 ("scale").
+    other = "title" if model_files.demo else "scale"
+    root = tmp_path / "adapters"
+    shutil.copytree(model_files.adapters / "upper", root / "upper")
+    shutil.copytree(model_files.adapters / other, root / "later" / other)
+    engine = Engine(engine_config(model_files, adapters_dir=root))
+    aio.run(engine.start())
+    try:
+        assert set(engine.registry.groups) == {"LORA"}
+        status = aio.run(engine.load_adapter("late", f"later/{other}"))
+        assert status.info is not None and status.info.peft_type != "LORA"
+        group = engine.registry.groups[status.info.peft_type]
+        assert shares_base_weights(engine.registry.base, group.model)
+        result = aio.run(engine.submit(request("late")).result())
+        assert len(result.sequences[0].token_ids) == 12
     finally:
         aio.run(engine.stop())
