@@ -135,8 +135,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             for status in watch.snapshot:
                 yield convert.existing_adapter_event(status)
             yield pb.WatchAdaptersResponse(kind=pb.ADAPTER_EVENT_KIND_SYNCED)
-            while True:
-                yield convert.adapter_event(await watch.events.get())
+            while (event := await watch.events.get()) is not None:
+                yield convert.adapter_event(event)
 
 
 async def _until_done(

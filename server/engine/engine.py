@@ -114,6 +114,8 @@ class Engine:
         # Loads in progress by adapter name; requests and LoadAdapter calls await them.
         self._loads: dict[str, asyncio.Future[AdapterStatus]] = {}
         self._load_tasks: set[asyncio.Task[None]] = set()
+        # Open watches' queues, so drain/stop can end them (a None at the end of each).
+        self._watches: set[asyncio.Queue[AdapterEvent | None]] = set()
 
         text_config = base.config.get_text_config()
         context_length = int(
@@ -167,6 +169,7 @@ class Engine:
         self._batcher = Batcher(config, self._runner, self._key_for, model_id, context_length)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._draining = False
 
     # ---- model facts ----
     @property
@@ -195,10 +198,13 @@ class Engine:
 
         Call on the loop thread. The queue is unbounded on purpose: adapter changes are rare
         admin actions, and a bounded queue would have to drop changes, which a watcher could
-        never notice. Leaving the ``with`` block stops the feed.
+        never notice. ``None`` in the queue means the engine is draining or stopping: the watch
+        is over. Leaving the ``with`` block stops the feed.
         """
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[AdapterEvent] = asyncio.Queue()
+        events: asyncio.Queue[AdapterEvent | None] = asyncio.Queue()
+        if self._draining:
+            events.put_nowait(None)
 
         def feed(event: AdapterEvent) -> None:
             # Changes are made on the loop today; a thread-safe hand-off keeps a change made
@@ -215,10 +221,19 @@ class Engine:
         # Subscribe, then snapshot, with nothing in between that could yield to the loop:
         # every change after the snapshot is in the queue, none before it.
         unsubscribe = self._registry.subscribe(feed)
+        self._watches.add(events)
         try:
             yield AdapterWatch(tuple(self._registry.statuses()), events)
         finally:
+            self._watches.discard(events)
             unsubscribe()
+
+    def _end_watches(self) -> None:
+        # Watches never finish on their own; ending them here lets a graceful stop complete
+        # their streams normally instead of cancelling them at the end of the grace period.
+        self._draining = True
+        for events in self._watches:
+            events.put_nowait(None)
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -467,6 +482,7 @@ class Engine:
     async def drain(self, timeout_s: float) -> None:
         """Admit nothing more; let queued and running requests finish; cancel the rest."""
         self._batcher.stop_admitting()
+        self._end_watches()
         if not await self._wait_idle(timeout_s):
             self._batcher.abort_all("the engine is draining")
             await self._wait_idle(CANCEL_GRACE_S)
@@ -475,6 +491,7 @@ class Engine:
         """Cancel everything and join the worker thread."""
         self._closed = True
         self._batcher.stop_admitting()
+        self._end_watches()
         self._batcher.abort_all("the engine is stopping")
         await self._wait_idle(CANCEL_GRACE_S)
         await self._batcher.join()

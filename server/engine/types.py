@@ -263,8 +263,9 @@ class AdapterEvent:
 class AdapterWatch:
     """One watcher's view: every adapter known when it started, then each change after that.
 
-    ``events`` is the watcher's own queue, fed on the event loop until the watch ends.
+    ``events`` is the watcher's own queue, fed on the event loop until the watch ends; a
+    ``None`` in it means the engine is draining or stopping and no more changes will come.
     """
 
     snapshot: tuple[AdapterStatus, ...]
-    events: asyncio.Queue[AdapterEvent]
+    events: asyncio.Queue[AdapterEvent | None]

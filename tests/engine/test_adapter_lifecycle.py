@@ -109,3 +109,22 @@ def test_loading_a_new_peft_type_creates_its_group_over_the_shared_base(
         assert len(result.sequences[0].token_ids) == 12
     finally:
         aio.run(engine.stop())
+
+
+def test_drain_ends_open_watches(model_files: ModelFiles, aio: asyncio.Runner) -> None:
+    engine = Engine(engine_config(model_files))
+    aio.run(engine.start())
+
+    async def body() -> None:
+        with engine.watch_adapters() as watch:
+            assert watch.snapshot
+            await engine.drain(1.0)
+            assert await asyncio.wait_for(watch.events.get(), 5) is None
+        # A watch opened while draining is over at once.
+        with engine.watch_adapters() as late:
+            assert late.events.get_nowait() is None
+
+    try:
+        aio.run(body())
+    finally:
+        aio.run(engine.stop())

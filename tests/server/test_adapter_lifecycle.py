@@ -245,6 +245,35 @@ def test_watch_sees_the_current_set_then_load_and_unload(
     ]
 
 
+def test_watch_ends_normally_when_the_server_stops(tmp_path: Path) -> None:
+    server = ServerThread(adapters_dir=make_root(tmp_path, "upper"))
+    server.wait_ready()
+    kinds: list[str] = []
+    outcome: list[BaseException | None] = []
+    synced = threading.Event()
+
+    def watch() -> None:
+        try:
+            with PeftServeClient(server.address, timeout_s=60) as watcher:
+                for event in watcher.watch_adapters():
+                    kinds.append(event.kind)
+                    synced.set()
+        except BaseException as error:  # reported to the test below
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        assert synced.wait(30)
+    finally:
+        server.stop(grace_s=5.0)
+    thread.join(10)
+    # The stream completed (status OK) rather than being cancelled at the end of the grace.
+    assert outcome == [None] and kinds[-1] == "synced"
+
+
 def test_unload_waits_for_in_flight_requests(tmp_path: Path, server_factory: Any) -> None:
     root = make_root(tmp_path, "upper")
     server = server_factory(adapters_dir=root)
