@@ -121,8 +121,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadAdapterResponse:
         record().adapter = request.name
-        if not request.name:
-            raise InvalidRequestError.single("name", "must not be empty")
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         status = await self._engine().unload_adapter(request.name, deadline)

@@ -34,6 +34,7 @@ from .errors import (
     AdapterStateError,
     DeadlineExceededError,
     EngineUnavailableError,
+    InvalidRequestError,
 )
 from .handle import Job, RequestHandle
 from .registry import (
@@ -404,6 +405,8 @@ class Engine:
         ``deadline`` (``time.monotonic()``) bounds the wait; when it passes the adapter is
         READY again and ``DeadlineExceededError`` is raised, so an unload is all or nothing.
         """
+        if not name:
+            raise InvalidRequestError.single("name", "must not be empty")
         status = self._registry.entry(name)
         if status is None:
             raise AdapterNotFoundError(name, self._registry.names())

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 from peftserve.server.engine import Engine
-from peftserve.server.engine.errors import AdapterLoadError, AdapterNotFoundError
+from peftserve.server.engine.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+)
 from peftserve.server.engine.registry import shares_base_weights
 from peftserve.server.engine.types import (
     AdapterEvent,
@@ -67,6 +71,10 @@ def test_load_generate_unload_with_a_watch(
             assert [s.name for s in engine.adapter_statuses()] == ["upper"]
             with pytest.raises(AdapterNotFoundError):
                 engine.submit(request("shout"))
+            with pytest.raises(AdapterNotFoundError):
+                await engine.unload_adapter("shout")
+            with pytest.raises(InvalidRequestError, match="name: must not be empty"):
+                await engine.unload_adapter("")
             with pytest.raises(AdapterLoadError):
                 await engine.load_adapter("nothing", "team")  # no adapter_config.json there
             failed = engine.registry.entry("nothing")
