@@ -41,25 +41,14 @@ _FINISH_REASONS: dict[FinishReason, pb.FinishReason.ValueType] = {
     FinishReason.CONTEXT_LENGTH: pb.FINISH_REASON_CONTEXT_LENGTH,
 }
 
-# proto3 `optional` scalar fields of GenerationParameters, copied only when present.
-_OPTIONAL_PARAMS: tuple[Any, ...] = (
-    "max_new_tokens",
-    "max_length",
-    "min_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "typical_p",
-    "num_beams",
-    "num_return_sequences",
-    "length_penalty",
-    "early_stopping",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "seed",
+_PARAMETER_FIELDS = pb.GenerationParameters.DESCRIPTOR.fields
+# proto3 `optional` scalars, read from the descriptor so a new field cannot be forgotten here:
+# copied only when present, so "unset" reaches the engine as None.
+_OPTIONAL_PARAMS: tuple[Any, ...] = tuple(
+    f.name for f in _PARAMETER_FIELDS if f.has_presence and f.message_type is None
 )
+# float32 on the wire; converted back to the decimal the client meant (0.9, not 0.8999999761).
+_FLOAT_PARAMS = frozenset(f.name for f in _PARAMETER_FIELDS if f.type == f.TYPE_FLOAT)
 
 
 def new_request_id() -> str:
@@ -75,17 +64,8 @@ def generation_request(message: pb.GenerateRequest, deadline: float | None) -> G
     values: dict[str, object] = {
         name: getattr(params, name) for name in _OPTIONAL_PARAMS if params.HasField(name)
     }
-    for name in (
-        "temperature",
-        "top_p",
-        "min_p",
-        "typical_p",
-        "length_penalty",
-        "repetition_penalty",
-    ):
-        # float32 on the wire; round-trip through repr so 0.9 stays 0.9, not 0.8999999761.
-        if name in values:
-            values[name] = _float32_to_python(float(values[name]))  # type: ignore[arg-type]
+    for name in _FLOAT_PARAMS & values.keys():
+        values[name] = _float32_to_python(float(values[name]))  # type: ignore[arg-type]
     bias_items = tuple((item.text, _float32_to_python(item.bias)) for item in params.sequence_bias)
     parameters = GenerationParams(
         **values,  # type: ignore[arg-type]
