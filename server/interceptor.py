@@ -139,32 +139,40 @@ def _reset(token: contextvars.Token[RequestRecord | None]) -> None:
         current_record.reset(token)
 
 
+@contextlib.asynccontextmanager
+async def _rpc_scope(
+    method: str, context: grpc.aio.ServicerContext, observer: RequestObserver | None
+) -> AsyncIterator[None]:
+    """One RPC's record, error mapping, log line and metrics, for unary and streaming alike."""
+    entry = RequestRecord(method=method)
+    token = current_record.set(entry)
+    if observer is not None:
+        observer.started(entry)
+    status = "OK"
+    try:
+        yield
+    except asyncio.CancelledError:
+        status = grpc.StatusCode.CANCELLED.name
+        raise
+    except grpc.aio.AbortError:
+        status = "ABORTED_BY_HANDLER"
+        raise
+    except Exception as error:
+        status = _status_name(error)
+        await _abort(context, error, entry)
+    finally:
+        _log(entry, status, entry.started_s)
+        if observer is not None:
+            observer.finished(entry, status)
+        _reset(token)
+
+
 def _wrap_unary(
     behavior: Callable[..., Any], method: str, observer: RequestObserver | None
 ) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        entry = RequestRecord(method=method)
-        token = current_record.set(entry)
-        if observer is not None:
-            observer.started(entry)
-        started = entry.started_s
-        status = "OK"
-        try:
+        async with _rpc_scope(method, context, observer):
             return await behavior(request, context)
-        except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED.name
-            raise
-        except Exception as error:
-            if isinstance(error, grpc.aio.AbortError):
-                status = "ABORTED_BY_HANDLER"
-                raise
-            status = _status_name(error)
-            await _abort(context, error, entry)
-        finally:
-            _log(entry, status, started)
-            if observer is not None:
-                observer.finished(entry, status)
-            _reset(token)
 
     return wrapper
 
@@ -173,28 +181,8 @@ def _wrap_stream(
     behavior: Callable[..., AsyncIterator[Any]], method: str, observer: RequestObserver | None
 ) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        entry = RequestRecord(method=method)
-        token = current_record.set(entry)
-        if observer is not None:
-            observer.started(entry)
-        started = entry.started_s
-        status = "OK"
-        try:
+        async with _rpc_scope(method, context, observer):
             async for response in behavior(request, context):
                 yield response
-        except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED.name
-            raise
-        except Exception as error:
-            if isinstance(error, grpc.aio.AbortError):
-                status = "ABORTED_BY_HANDLER"
-                raise
-            status = _status_name(error)
-            await _abort(context, error, entry)
-        finally:
-            _log(entry, status, started)
-            if observer is not None:
-                observer.finished(entry, status)
-            _reset(token)
 
     return wrapper
