@@ -267,6 +267,21 @@ def config_from_args(
     return config
 
 
+def _tokens_from_file(flag: str, path: Path | None, problems: list[str]) -> tuple[str, ...]:
+    """The tokens of a tokens file; unreadable or empty files are reported in ``problems``."""
+    if path is None or not path.is_file():
+        return ()  # a missing file is reported with the other file checks
+    try:
+        tokens = read_tokens_file(path)
+    except (OSError, UnicodeError) as err:
+        problems.append(f"{flag} {path}: {err}")
+        return ()
+    if not tokens:
+        # An empty file must not silently mean "auth off".
+        problems.append(f"{flag} {path} holds no tokens")
+    return tokens
+
+
 def validate_config(config: ServerConfig) -> list[str]:
     """Sanity checks that would otherwise surface as confusing failures after startup."""
     problems: list[str] = []
@@ -328,26 +343,11 @@ def validate_security(config: ServerConfig) -> list[str]:
             "--tls-client-ca-file has no effect without --tls-require-client-auth "
             "(gRPC would not ask for client certificates)"
         )
-    tokens = list(config.auth_tokens)
-    if config.auth_tokens_file is not None and config.auth_tokens_file.is_file():
-        try:
-            from_file = read_tokens_file(config.auth_tokens_file)
-        except (OSError, UnicodeError) as err:
-            problems.append(f"--auth-tokens-file {config.auth_tokens_file}: {err}")
-        else:
-            if not from_file:
-                # An empty file must not silently mean "auth off".
-                problems.append(f"--auth-tokens-file {config.auth_tokens_file} holds no tokens")
-            tokens.extend(from_file)
-    if config.admin_tokens_file is not None and config.admin_tokens_file.is_file():
-        try:
-            admin_from_file = read_tokens_file(config.admin_tokens_file)
-        except (OSError, UnicodeError) as err:
-            problems.append(f"--admin-tokens-file {config.admin_tokens_file}: {err}")
-        else:
-            if not admin_from_file:
-                problems.append(f"--admin-tokens-file {config.admin_tokens_file} holds no tokens")
-            tokens.extend(admin_from_file)
+    tokens = [
+        *config.auth_tokens,
+        *_tokens_from_file("--auth-tokens-file", config.auth_tokens_file, problems),
+        *_tokens_from_file("--admin-tokens-file", config.admin_tokens_file, problems),
+    ]
     tokens.extend(config.admin_tokens)
     token_problems = {p for p in map(token_problem, tokens) if p is not None}
     problems.extend(f"auth tokens: {p}" for p in sorted(token_problems))
