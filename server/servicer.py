@@ -17,7 +17,7 @@ from peftserve.v1 import generation_pb2_grpc as pb_grpc
 
 from . import convert
 from .engine.engine import Engine, RequestHandle
-from .engine.errors import DeadlineExceededError, InvalidRequestError
+from .engine.errors import DeadlineExceededError
 from .engine.types import GenerationRequest, GenerationResult
 from .interceptor import record
 
@@ -95,8 +95,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Tokenize(  # noqa: N802
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
-        if not request.text:
-            raise InvalidRequestError.single("text", "must not be empty")
         result = self._engine().tokenize(request.text, request.add_special_tokens)
         return convert.tokenize_response(result)
 

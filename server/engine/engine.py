@@ -240,6 +240,8 @@ class Engine:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> TokenizeResult:
+        if not text:
+            raise InvalidRequestError.single("text", "must not be empty")
         ids = self._encode(text, add_special_tokens)
         return TokenizeResult(tuple(ids), tuple(self._runner.token_text(i) for i in ids))
 
