@@ -61,11 +61,40 @@ _TASKS_PENDING = _TasksPending()
 
 @dataclass(frozen=True)
 class EngineStats:
-    queued: int
-    running: int
+    """A snapshot of the engine's load, read by metrics and admission decisions."""
+
+    queued: int  # requests admitted and waiting to run
+    running: int  # requests with rows in the running batch
     completed: int
     # Requests per batch -> number of batches of that size.
     batch_size_histogram: dict[int, int] = field(default_factory=dict)
+    running_rows: int = 0  # model rows (sequences, beams) of the running requests
+    # KV-cache tokens reserved by running requests, and the budget they are admitted against.
+    kv_tokens_used: int = 0
+    kv_tokens_budget: int = 0
+    # Distinct adapter names ("" = base excluded) of running and of queued requests.
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+
+    @property
+    def kv_cache_utilization(self) -> float:
+        """``kv_tokens_used`` as a fraction of the budget (0.0 with no budget)."""
+        if self.kv_tokens_budget <= 0:
+            return 0.0
+        return min(1.0, self.kv_tokens_used / self.kv_tokens_budget)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One forward step of the running batch, reported to step listeners (worker thread)."""
+
+    prefill_tokens: int  # prompt tokens fed through the model in this step
+    decode_tokens: int  # rows that produced a token in this step
+    rows: int  # model rows in the forward
+    seconds: float  # wall time of the step
+
+
+StepListener = Callable[[StepStats], None]
 
 
 class Batcher:
@@ -97,6 +126,7 @@ class Batcher:
         # Work that must not overlap a batch (attaching/detaching adapters to a PeftModel the
         # running batch may be using); the worker runs it before forming the next batch.
         self._tasks: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
+        self._step_listeners: list[StepListener] = []
 
     # ---- lifecycle (event-loop thread) ----
     def start(self) -> None:
@@ -166,12 +196,38 @@ class Batcher:
 
     def stats(self) -> EngineStats:
         with self._cond:
+            running = list(self._running)
+            queued = list(self._queue)
             return EngineStats(
-                queued=len(self._queue),
-                running=len(self._running),
+                queued=len(queued),
+                running=len(running),
                 completed=self._completed,
                 batch_size_histogram=dict(self._histogram),
+                running_rows=sum(j.prepared.model_rows for j in running),
+                kv_tokens_used=sum(j.prepared.padded_tokens for j in running),
+                kv_tokens_budget=self._config.max_batch_tokens,
+                running_adapters=_adapter_names(running),
+                waiting_adapters=_adapter_names(queued),
             )
+
+    def add_step_listener(self, listener: StepListener) -> Callable[[], None]:
+        """Call ``listener`` on the worker thread after every step; returns the unsubscribe."""
+        with self._cond:
+            self._step_listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._cond:
+                if listener in self._step_listeners:
+                    self._step_listeners.remove(listener)
+
+        return unsubscribe
+
+    def _report_step(self, step: StepStats) -> None:
+        for listener in list(self._step_listeners):
+            try:
+                listener(step)
+            except Exception:  # a listener's bug must not fail the batch
+                logger.exception("step listener failed")
 
     # ---- worker thread ----
     def run_between_batches(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
@@ -276,8 +332,27 @@ class Batcher:
 
     def _run_catching_oom(self, batch: Batch) -> bool:
         """Run the batch; False if the accelerator ran out of memory."""
+        rows = sum(j.prepared.model_rows for j in batch.jobs)
+        prompt_tokens = sum(j.prepared.model_rows * len(j.prepared.prompt_ids) for j in batch.jobs)
+        last = [time.monotonic(), True]  # [time of the previous step's end, first step pending]
+
+        def on_step() -> None:
+            # generate's stopping criteria run once per step, right after its forward.
+            now = time.monotonic()
+            first = bool(last[1])
+            self._report_step(
+                StepStats(
+                    prefill_tokens=prompt_tokens if first else 0,
+                    decode_tokens=rows,
+                    rows=rows,
+                    seconds=now - float(last[0]),
+                )
+            )
+            last[0], last[1] = now, False
+            self._expire_queued()
+
         try:
-            self._runner.run(batch, self._job_finished, self._expire_queued)
+            self._runner.run(batch, self._job_finished, on_step)
         except torch.OutOfMemoryError:
             return False
         return True
@@ -434,6 +509,10 @@ def _run_task(fn: Callable[[], T], future: concurrent.futures.Future[T]) -> None
         future.set_result(fn())
     except BaseException as error:  # handed to the waiting caller, never raised here
         future.set_exception(error)
+
+
+def _adapter_names(jobs: list[Job]) -> tuple[str, ...]:
+    return tuple(sorted({j.prepared.adapter.name for j in jobs if j.prepared.adapter is not None}))
 
 
 def _produced_tokens(job: Job) -> bool:

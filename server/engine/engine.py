@@ -23,7 +23,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .batcher import Batcher, EngineStats
+from .batcher import Batcher, EngineStats, StepListener
 from .config import EngineConfig
 from .detokenize import Decoder
 from .errors import (
@@ -503,3 +503,10 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self._batcher.stats()
+
+    def add_step_listener(self, listener: StepListener) -> Callable[[], None]:
+        """Call ``listener(StepStats)`` on the worker thread after every model step (metrics).
+
+        Returns the function that unsubscribes it. A listener must be quick and thread-safe.
+        """
+        return self._batcher.add_step_listener(listener)
