@@ -105,6 +105,8 @@ class PeftServeServer:
             self._ready.set()
             return
         self._engine = engine
+        if self.metrics is not None:
+            self.metrics.engine_ready(engine)
         if self._state == "loading":
             self._state = "serving"
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)

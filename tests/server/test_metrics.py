@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 from peftserve.client import PeftServeClient, PeftServeClientError
@@ -124,3 +125,81 @@ def test_metrics_scrape_after_requests() -> None:
 def test_metrics_off_by_default(demo_server: ServerThread) -> None:
     assert demo_server.server.metrics is None
     assert demo_server.server.metrics_port is None
+
+
+def scrape_until(port: int, done: Callable[[Samples], bool]) -> Samples:
+    """Scrape until ``done`` holds (at most 30 s); returns the last scrape either way."""
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(port)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
+def step_totals(samples: Samples) -> dict[str, float]:
+    """The step histograms' counts and sums (0 before the first step)."""
+    keys = {
+        "steps": ("peftserve_engine_step_duration_seconds_count", {}),
+        "seconds": ("peftserve_engine_step_duration_seconds_sum", {}),
+        "prefill": ("peftserve_engine_step_tokens_sum", {"phase": "prefill"}),
+        "prefill_steps": ("peftserve_engine_step_tokens_count", {"phase": "prefill"}),
+        "decode": ("peftserve_engine_step_tokens_sum", {"phase": "decode"}),
+        "rows": ("peftserve_engine_step_rows_sum", {}),
+    }
+    return {
+        name: samples.get((sample, frozenset(labels.items())), 0.0)
+        for name, (sample, labels) in keys.items()
+    }
+
+
+def test_running_batch_metrics_move_under_load() -> None:
+    """Running rows and KV use rise while a stream runs and fall back after its cancel; every
+    step of a request lands in the step histograms."""
+    server = ServerThread(metrics_address="127.0.0.1:0")
+    try:
+        server.wait_ready()
+        port = server.server.metrics_port
+        assert port
+        idle = scrape(port)
+        assert value(idle, "peftserve_engine_running_rows") == 0
+        assert value(idle, "peftserve_engine_kv_cache_used_tokens") == 0
+        assert value(idle, "peftserve_engine_kv_cache_utilization") == 0
+        budget = value(idle, "peftserve_engine_kv_cache_budget_tokens")
+        assert budget > 0
+        with PeftServeClient(server.address, timeout_s=60) as client:
+            # Far longer than a scrape: the request is still running when the scrape lands,
+            # and it ends by our cancel, not by itself.
+            stream = client.stream("abc", max_new_tokens=400, min_new_tokens=400)
+            assert next(stream)
+            busy = scrape(port)
+            stream.close()
+            after_cancel = scrape_until(
+                port, lambda s: value(s, "peftserve_engine_running_rows") == 0
+            )
+            before = step_totals(after_cancel)
+            output = client.generate("hello world", max_new_tokens=5, min_new_tokens=5)
+        after = scrape(port)
+    finally:
+        server.stop(grace_s=1.0)
+
+    assert value(busy, "peftserve_engine_running_rows") >= 1
+    used = value(busy, "peftserve_engine_kv_cache_used_tokens")
+    assert 0 < used <= budget
+    assert value(busy, "peftserve_engine_kv_cache_utilization") == pytest.approx(used / budget)
+    assert value(after_cancel, "peftserve_engine_kv_cache_used_tokens") == 0
+    assert value(after_cancel, "peftserve_engine_kv_cache_utilization") == 0
+    # The cancelled stream's steps were recorded: at least the one that sent its first token.
+    assert step_totals(busy)["steps"] >= 1
+
+    delta = {k: v - before[k] for k, v in step_totals(after).items()}
+    tokens = output.completion_tokens
+    assert tokens == 5
+    # One step per generated token at least (a prefill may take several chunks); the prompt
+    # went through the model once; every later token came from a decode row.
+    assert delta["steps"] >= tokens
+    assert delta["prefill_steps"] == delta["steps"]  # both phases are observed every step
+    assert delta["prefill"] >= output.prompt_tokens
+    assert delta["decode"] >= tokens - 1
+    assert delta["rows"] >= delta["decode"]
+    assert delta["seconds"] > 0
