@@ -434,6 +434,11 @@ class AdapterRegistry:
         with self._lock:
             return [self._by_name[n] for n in self.names()]
 
+    def models(self) -> list[torch.nn.Module]:
+        """The plain base model and every type group's ``PeftModel`` (separate module trees)."""
+        with self._lock:
+            return [self.base, *(g.model for g in self.groups.values())]
+
     @property
     def mixed_group(self) -> TypeGroup | None:
         """The group whose model serves mixed batches (and base rows), if any."""

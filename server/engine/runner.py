@@ -23,6 +23,7 @@ from transformers import (
 
 from .detokenize import Decoder, TextStream
 from .handle import Job
+from .peft_guard import guard_models
 from .registry import BASE_ROW_MARKER, AdapterRegistry
 from .rows import BatchState, Row, RowLogitsProcessor, RowStoppingCriteria
 from .types import FinishReason, SequenceResult, TokenEvent
@@ -166,6 +167,26 @@ class ModelRunner:
             beams=beams,
             num_beams=key.beam[0] if key.beam else 1,
         )
+        # Whatever generate raises, no hook, active adapter or swapped method of a shared
+        # model survives it (see peft_guard.py); the batcher then fails or retries the batch.
+        with guard_models(self.registry.models()):
+            output = self._generate(key, state, input_ids, attention_mask, adapter_names)
+        if beams:
+            self._finish_beams(state, output, width)
+        for row in rows:
+            # Only reachable if generate stopped early for a reason of its own.
+            state.finish_row(row, FinishReason.LENGTH)
+
+    def _generate(
+        self,
+        key: BatchKey,
+        state: BatchState,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        adapter_names: list[str],
+    ) -> Any:
+        """The one ``generate`` call of a batch, on the model of its adapter type group."""
+        jobs = state.jobs
         model = self._model_for(key)
         kwargs: dict[str, Any] = {}
         if key.group != "base" and key.adapter is None:
@@ -217,11 +238,7 @@ class ModelRunner:
                 ),
                 **kwargs,
             )
-        if beams:
-            self._finish_beams(state, output, width)
-        for row in rows:
-            # Only reachable if generate stopped early for a reason of its own.
-            state.finish_row(row, FinishReason.LENGTH)
+        return output
 
     def _finish_beams(self, state: BatchState, output: Any, width: int) -> None:
         """Beam results exist only at the end: decode each returned sequence, then publish."""
