@@ -1,7 +1,14 @@
-"""Channel construction shared by the sync and asyncio clients: TLS, auth, limits, retries.
+"""Channel construction shared by the sync and asyncio clients: TLS, auth, limits, balancing.
 
 Both twins call ``channel_options`` and ``channel_credentials`` so a setting can never differ
 between them; only the final ``grpc.*_channel`` vs ``grpc.aio.*_channel`` call differs.
+
+Balancing and retries are gRPC's own, configured by one service config (``service_config``):
+the target's resolver (``dns:///host:port`` resolves every address of a headless Service;
+``ipv4:a:p1,b:p2`` lists them) feeds the ``round_robin`` policy, which opens a subchannel per
+address, watches each one's ``grpc.health.v1`` status for GenerationService and picks only
+SERVING ones; the retry policy re-sends calls that failed before any response. docs/deploy.md
+gives the same JSON for clients in other languages.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ __all__ = [
     "create_aio_channel",
     "create_channel",
     "retry_service_config",
+    "service_config",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -84,37 +92,63 @@ class ChannelSettings:
     # (GOAWAY "too_many_pings"), so the client does not ping more often unless told to.
     keepalive_time_s: float = 300.0
     keepalive_timeout_s: float = 20.0
-    # Transparent retries of UNAVAILABLE and RESOURCE_EXHAUSTED (see retry_service_config).
+    # Transparent retries of UNAVAILABLE and RESOURCE_EXHAUSTED (see service_config).
     retries: bool = True
     max_attempts: int = 4
+    # Spread calls over every resolved address, skipping those whose health is not SERVING
+    # (see service_config); False leaves gRPC's default, pick_first (one connection).
+    balance: bool = True
     # Extra raw channel arguments, appended last so they win.
     extra_options: tuple[ChannelOption, ...] = ()
 
 
-def retry_service_config(max_attempts: int = 4) -> str:
-    """The ``grpc.service_config`` JSON retrying transient failures of GenerationService.
+# Retry backoff: attempt n waits a random time in [0, min(initial * multiplier^(n-1), max)].
+RETRY_INITIAL_BACKOFF = "0.2s"
+RETRY_MAX_BACKOFF = "5s"
+RETRY_BACKOFF_MULTIPLIER = 2
+RETRYABLE_STATUS_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 
-    UNAVAILABLE (loading, draining, connection lost) and RESOURCE_EXHAUSTED (queue full) are
-    the two codes where trying again later can succeed; generation has no side effects, so a
-    retry is safe. gRPC caps attempts at 5 and retries a stream only until its first message.
+
+def service_config(
+    *, max_attempts: int = 4, retries: bool = True, balance: bool = True
+) -> dict[str, Any]:
+    """The gRPC service config for GenerationService, as a dict (``json.dumps`` it).
+
+    - ``loadBalancingConfig: round_robin`` spreads calls over every resolved address instead
+      of pinning them to the first; ``healthCheckConfig`` makes each subchannel watch the
+      server's ``grpc.health.v1`` status for GenerationService, so a replica that is loading or
+      draining (NOT_SERVING) gets no new calls while its in-flight ones finish.
+    - ``retryPolicy`` re-sends a call that failed with UNAVAILABLE (loading, draining,
+      connection lost) or RESOURCE_EXHAUSTED (queue full) before any response message arrived,
+      to whichever replica round_robin picks next: at most ``max_attempts`` attempts in all,
+      with exponential backoff (0.2 s, 0.4 s, ... capped at 5 s, randomised). Generation has
+      no side effects, so a retry is safe; a stream that delivered a message is never retried.
     """
-    if not 1 <= max_attempts <= 5:
-        raise ValueError("max_attempts must be in [1, 5] (gRPC's own cap is 5)")
-    config = {
-        "methodConfig": [
+    config: dict[str, Any] = {}
+    if balance:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+    if retries:
+        if not 1 <= max_attempts <= 5:
+            raise ValueError("max_attempts must be in [1, 5] (gRPC's own cap is 5)")
+        config["methodConfig"] = [
             {
                 "name": [{"service": SERVICE_NAME}],
                 "retryPolicy": {
                     "maxAttempts": max_attempts,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                    "initialBackoff": RETRY_INITIAL_BACKOFF,
+                    "maxBackoff": RETRY_MAX_BACKOFF,
+                    "backoffMultiplier": RETRY_BACKOFF_MULTIPLIER,
+                    "retryableStatusCodes": list(RETRYABLE_STATUS_CODES),
                 },
             }
         ]
-    }
-    return json.dumps(config)
+    return config
+
+
+def retry_service_config(max_attempts: int = 4) -> str:
+    """The service config JSON with retries only (no balancing): see ``service_config``."""
+    return json.dumps(service_config(max_attempts=max_attempts, balance=False))
 
 
 def channel_options(settings: ChannelSettings) -> list[ChannelOption]:
@@ -128,8 +162,11 @@ def channel_options(settings: ChannelSettings) -> list[ChannelOption]:
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.enable_retries", 1 if settings.retries else 0),
     ]
-    if settings.retries:
-        options.append(("grpc.service_config", retry_service_config(settings.max_attempts)))
+    config = service_config(
+        max_attempts=settings.max_attempts, retries=settings.retries, balance=settings.balance
+    )
+    if config:
+        options.append(("grpc.service_config", json.dumps(config)))
     if settings.tls is not None and settings.tls.server_name_override:
         options.append(("grpc.ssl_target_name_override", settings.tls.server_name_override))
     options.extend(settings.extra_options)
@@ -162,7 +199,7 @@ def auth_metadata(settings: ChannelSettings) -> tuple[tuple[str, str], ...]:
 
 
 def create_channel(target: str, settings: ChannelSettings | None = None) -> grpc.Channel:
-    """A sync channel to ``target`` ("host:port")."""
+    """A sync channel to ``target``: "host:port", "dns:///host:port", "ipv4:a:p,b:p", ..."""
     settings = settings or ChannelSettings()
     credentials = channel_credentials(settings)
     options: Sequence[ChannelOption] = channel_options(settings)
@@ -172,7 +209,8 @@ def create_channel(target: str, settings: ChannelSettings | None = None) -> grpc
 
 
 def create_aio_channel(target: str, settings: ChannelSettings | None = None) -> grpc.aio.Channel:
-    """An asyncio channel to ``target`` ("host:port"); create it inside the running loop."""
+    """An asyncio channel to ``target`` (as for ``create_channel``); create it inside the
+    running loop."""
     settings = settings or ChannelSettings()
     credentials = channel_credentials(settings)
     options: Sequence[ChannelOption] = channel_options(settings)

@@ -27,16 +27,23 @@ TARGET_ENV = "PEFTSERVE_TARGET"
 # Codes that mean "your request is wrong", as opposed to "the service could not serve it":
 # scripts can tell the two apart by exit status, like argparse's own usage errors (2).
 _USAGE_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
-_GLOBAL_OPTIONS_WITH_VALUE = frozenset({"--target", "--timeout"})
+_GLOBAL_OPTIONS_WITH_VALUE = frozenset({"--target", "--address", "--timeout"})
+TARGET_HELP = (
+    "server to call: host:port, dns:///host:port (every address of the name, e.g. a headless "
+    "Service) or ipv4:host:port,host:port; calls are balanced round_robin over the healthy ones"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``serve``'s own flags belong to the server and are not parsed)."""
     parser = argparse.ArgumentParser(prog="peftserve", description=__doc__)
+    # --address is what ``serve`` calls its own listening address, so a user tries it here too.
     parser.add_argument(
         "--target",
+        "--address",
+        dest="target",
         default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
-        help=f"server host:port (env {TARGET_ENV}; default %(default)s)",
+        help=f"{TARGET_HELP} (env {TARGET_ENV}; default %(default)s)",
     )
     parser.add_argument(
         "--timeout",
@@ -45,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="deadline per call (default %(default)s)",
     )
-    # The same two options after the command too ("peftserve info --target h:1"); SUPPRESS keeps
-    # an absent one from overwriting the global value.
+    # The same options after the command too ("peftserve generate hi --address h:1"); SUPPRESS
+    # keeps an absent one from overwriting the global value.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument(
+        "--target", "--address", dest="target", default=argparse.SUPPRESS, help=TARGET_HELP
+    )
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
