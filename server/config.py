@@ -90,6 +90,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("engine", "max_wait_ms", "how long a batch's first request waits for companions"),
     _Option("engine", "max_queue_size", "waiting requests beyond this get RESOURCE_EXHAUSTED"),
     _Option("engine", "max_prompt_tokens", "most prompt tokens per request (default: context)"),
+    _Option(
+        "engine",
+        "max_prompt_bytes",
+        "longest prompt text in UTF-8 bytes, refused before tokenizing "
+        "(default: max prompt tokens x the longest vocabulary entry)",
+    ),
     _Option("engine", "max_new_tokens", "largest max_new_tokens accepted (default: context)"),
     _Option(
         "engine",
@@ -295,6 +301,8 @@ def validate_config(config: ServerConfig) -> list[str]:
     for name in ("max_batch_size", "max_batch_tokens", "max_queue_size"):
         if getattr(engine, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if engine.max_prompt_bytes is not None and engine.max_prompt_bytes < 1:
+        problems.append("--max-prompt-bytes must be >= 1")
     if engine.max_wait_ms < 0:
         problems.append("--max-wait-ms must be >= 0")
     if config.shutdown_grace_s < 0:

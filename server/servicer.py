@@ -61,7 +61,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine_request = self._request(request, context)
         engine = self._engine()
         await engine.await_adapter(engine_request.adapter, engine_request.deadline)
-        handle = engine.submit(engine_request, stream=False)
+        prepared = await engine.prepare_async(engine_request)
+        handle = engine.submit_prepared(prepared, stream=False)
         result = await _until_done(handle, handle.result())
         self._record(result)
         return convert.generate_response(result, engine_request.options)
@@ -74,7 +75,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine_request = self._request(request, context)
         engine = self._engine()
         await engine.await_adapter(engine_request.adapter, engine_request.deadline)
-        handle = engine.submit(engine_request, stream=True)
+        prepared = await engine.prepare_async(engine_request)
+        handle = engine.submit_prepared(prepared, stream=True)
         try:
             async for events in handle.event_batches():
                 if "ttft_ms" not in entry.extra:
@@ -95,7 +97,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Tokenize(  # noqa: N802
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
-        result = self._engine().tokenize(request.text, request.add_special_tokens)
+        result = await self._engine().tokenize_async(request.text, request.add_special_tokens)
         return convert.tokenize_response(result)
 
     async def GetModelInfo(  # noqa: N802

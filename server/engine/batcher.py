@@ -165,18 +165,26 @@ class Batcher:
             await asyncio.to_thread(thread.join)
 
     # ---- admission and cancellation (event-loop thread) ----
+    def check_admission(self, reserved: int = 0) -> None:
+        """Raise what ``admit`` would for a request now, counting ``reserved`` requests that
+        are being prepared as already queued (cheap: the server calls it before preparing)."""
+        with self._cond:
+            self._check_admission_locked(reserved)
+
+    def _check_admission_locked(self, reserved: int) -> None:
+        if not self._admitting:
+            raise EngineUnavailableError(
+                "the engine is not accepting requests (not started or draining)"
+            )
+        waiting = len(self._queue) + reserved
+        if waiting >= self._config.max_queue_size:
+            batches_ahead = waiting / max(1, self._config.max_batch_size) + 1
+            raise QueueFullError(waiting, max(0.1, self._batch_seconds_ema * batches_ahead))
+
     def admit(self, job: Job) -> None:
         key = self._key_for(job)
         with self._cond:
-            if not self._admitting:
-                raise EngineUnavailableError(
-                    "the engine is not accepting requests (not started or draining)"
-                )
-            if len(self._queue) >= self._config.max_queue_size:
-                batches_ahead = len(self._queue) / max(1, self._config.max_batch_size) + 1
-                raise QueueFullError(
-                    len(self._queue), max(0.1, self._batch_seconds_ema * batches_ahead)
-                )
+            self._check_admission_locked(0)
             self._keys[id(job)] = key
             self._queue.append(job)
             self._cond.notify_all()

@@ -31,6 +31,10 @@ class EngineConfig:
     max_queue_size: int = 256
     # Per-request limits, checked before any model work. ``None`` = the model's context length.
     max_prompt_tokens: int | None = None
+    # Longest prompt ``text`` in UTF-8 bytes, checked before tokenizing so that a huge text is
+    # refused without the cost of tokenizing it. ``None`` = max_prompt_tokens x the longest
+    # vocabulary entry in bytes: no text beyond that can tokenize into max_prompt_tokens tokens.
+    max_prompt_bytes: int | None = None
     max_new_tokens: int | None = None
     # Applied when a request sets neither max_new_tokens nor max_length.
     default_max_new_tokens: int = 64

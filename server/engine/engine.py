@@ -1,8 +1,14 @@
 """The engine facade the servicer calls: load, validate, submit, drain, stop, stats.
 
 ``Engine.__init__`` loads synchronously (the server runs it in ``asyncio.to_thread``);
-``start`` binds the engine to the running event loop and starts the worker thread. ``submit``
-runs on the loop thread: it validates and enqueues without ever waiting on the model.
+``start`` binds the engine to the running event loop and starts the worker thread.
+
+A request goes in three steps, so that nothing costly runs on the event loop:
+``check_admission`` (loop thread, cheap: not running, deadline, queue full, size bounds) ->
+``prepare`` (any thread: tokenize and validate; the one place where per-request preparation
+happens) -> ``submit_prepared`` (loop thread: enqueue, never waiting on the model).
+``prepare_async`` runs the first two, preparing on the engine's small thread pool; ``submit``
+runs all three inline for in-process callers and tests.
 
 Adapter lifecycle (``load_adapter``, ``unload_adapter``, ``await_adapter``) runs on the loop
 thread too: bookkeeping there, file reading and hashing in a thread, and the ``PeftModel``
@@ -17,6 +23,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -58,19 +65,28 @@ from .types import (
     ModelInfo,
     TokenizeResult,
 )
-from .validation import ValidationContext, prepare
+from .validation import PreparedRequest, ValidationContext, check_bounds, check_text_bytes, prepare
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How long drain/stop wait for cancelled running rows to reach their next step.
 CANCEL_GRACE_S = 10.0
+# Threads that prepare requests (tokenize, validate) off the event loop. Two cores are the
+# norm for this service's CPU deployments; more threads would only contend for the GIL.
+PREPARE_THREADS = 2
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _longest_token_bytes(tokenizer: Any) -> int:
+    """UTF-8 bytes of the longest vocabulary entry, special tokens included (at least 1)."""
+    vocab = tokenizer.get_vocab()
+    return max((len(token.encode("utf-8", "surrogatepass")) for token in vocab), default=1) or 1
 
 
 def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:
@@ -130,11 +146,14 @@ class Engine:
                 if self._tokenizer.pad_token_id is not None
                 else eos_ids[0]
             )
+        max_prompt_tokens = min(config.max_prompt_tokens or context_length, context_length)
         limits = EngineLimits(
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
             max_queue_size=config.max_queue_size,
-            max_prompt_tokens=min(config.max_prompt_tokens or context_length, context_length),
+            max_prompt_tokens=max_prompt_tokens,
+            max_prompt_bytes=config.max_prompt_bytes
+            or max_prompt_tokens * _longest_token_bytes(self._tokenizer),
             max_new_tokens=min(config.max_new_tokens or context_length, context_length),
             default_max_new_tokens=config.default_max_new_tokens,
             max_beams_times_sequences=config.max_beams_times_sequences,
@@ -171,6 +190,9 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._draining = False
+        # Requests between check_admission and submit_prepared: they count as queued.
+        self._preparing = 0
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, "peftserve-prepare")
 
     # ---- model facts ----
     @property
@@ -240,10 +262,23 @@ class Engine:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> TokenizeResult:
-        if not text:
-            raise InvalidRequestError.single("text", "must not be empty")
+        """Tokenize ``text`` (any thread; the server uses ``tokenize_async``)."""
+        self._check_tokenize(text)
         ids = self._encode(text, add_special_tokens)
         return TokenizeResult(tuple(ids), tuple(self._runner.token_text(i) for i in ids))
+
+    def _check_tokenize(self, text: str) -> None:
+        if not text:
+            raise InvalidRequestError.single("text", "must not be empty")
+        check_text_bytes(text, "text", self._info.limits.max_prompt_bytes)
+
+    async def tokenize_async(self, text: str, add_special_tokens: bool = True) -> TokenizeResult:
+        """``tokenize`` on the preparation threads; empty or oversized text fails at once."""
+        self._check_tokenize(text)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._prepare_pool, self.tokenize, text, add_special_tokens
+        )
 
     def _key_for(self, job: Job) -> BatchKey:
         prepared = job.prepared
@@ -276,15 +311,55 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._batcher.start()
 
+    def check_admission(self, request: GenerationRequest, reserved: int = 0) -> None:
+        """Raise at once if ``request`` cannot be admitted now, without tokenizing anything.
+
+        Not running -> UNAVAILABLE, deadline passed, queue full (counting the ``reserved``
+        requests being prepared), request id, text or token ids beyond their bounds.
+        """
+        if self._loop is None or self._closed:
+            raise EngineUnavailableError("the engine is not running")
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            raise DeadlineExceededError("the request arrived after its deadline")
+        check_bounds(request, self._info.limits)
+        self._batcher.check_admission(reserved)
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Tokenize and validate ``request`` (thread-safe; may take a while for long texts)."""
+        return prepare(request, self._validation)
+
+    async def prepare_async(self, request: GenerationRequest) -> PreparedRequest:
+        """``check_admission`` on the loop, then ``prepare`` on the engine's threads.
+
+        Requests being prepared count against the queue, so a flood is refused at the cheap
+        check instead of queueing up for the tokenizer.
+        """
+        self.check_admission(request, self._preparing)
+        self._preparing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._prepare_pool, self.prepare, request)
+        finally:
+            self._preparing -= 1
+
     def submit(self, request: GenerationRequest, stream: bool = False) -> RequestHandle:
+        """Check, prepare and submit inline (in-process callers; the server prepares off-loop)."""
+        self.check_admission(request)
+        return self.submit_prepared(self.prepare(request), stream)
+
+    def submit_prepared(self, prepared: PreparedRequest, stream: bool = False) -> RequestHandle:
+        """Enqueue a prepared request (loop thread); never waits on the model."""
         loop = self._loop
+        request = prepared.request
         if loop is None or self._closed:
             raise EngineUnavailableError("the engine is not running")
         if request.deadline is not None and time.monotonic() >= request.deadline:
             raise DeadlineExceededError(
-                f"request {request.request_id!r} arrived after its deadline"
+                f"request {request.request_id!r} passed its deadline while being prepared"
             )
-        prepared = prepare(request, self._validation)
+        if prepared.adapter is not None and self._registry.get(prepared.adapter.name) is None:
+            # Unloaded or evicted while the request was being prepared.
+            raise AdapterNotFoundError(prepared.adapter.name, self._registry.names())
         batcher = self._batcher
         holder: list[Job] = []
         handle = RequestHandle(request.request_id, stream, loop, lambda: batcher.cancel(holder[0]))
@@ -500,6 +575,7 @@ class Engine:
         self._batcher.abort_all("the engine is stopping")
         await self._wait_idle(CANCEL_GRACE_S)
         await self._batcher.join()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> EngineStats:
         return self._batcher.stats()

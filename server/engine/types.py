@@ -187,6 +187,8 @@ class EngineLimits:
     max_batch_tokens: int
     max_queue_size: int
     max_prompt_tokens: int
+    # Longest prompt text in UTF-8 bytes, checked before tokenizing (Tokenize's text too).
+    max_prompt_bytes: int
     max_new_tokens: int
     # Applied when a request sets neither max_new_tokens nor max_length.
     default_max_new_tokens: int

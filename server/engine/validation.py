@@ -47,6 +47,8 @@ MAX_ABS_SEQUENCE_BIAS = 1e9
 # transformers computes ``new_tokens ** length_penalty`` in Python floats for every finished
 # beam: 3e38 raised OverflowError. |10| keeps it finite up to any context length we could see.
 MAX_ABS_LENGTH_PENALTY = 10.0
+# Request ids travel into log lines, error details and responses: short and printable only.
+MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,45 @@ class PreparedRequest:
     @property
     def padded_tokens(self) -> int:
         return self.model_rows * (len(self.prompt_ids) + self.effective.max_new_tokens)
+
+
+def check_bounds(request: GenerationRequest, limits: EngineLimits) -> None:
+    """The checks that cost (almost) nothing: run before tokenizing, on any thread.
+
+    A text longer than ``max_prompt_bytes`` cannot tokenize into ``max_prompt_tokens`` tokens,
+    so it is refused without paying for tokenizing it (a 4 MiB text took seconds and hundreds
+    of MB); likewise a ``token_ids`` list longer than the limit is refused before each id is
+    read.
+    """
+    request_id = request.request_id
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError.single(
+            "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters"
+        )
+    if not request_id.isprintable():
+        # Newlines, ANSI escapes, NUL, U+2028 and bidi controls forge or hide log lines.
+        raise InvalidRequestError.single(
+            "request_id", "must not contain control, format or line-separator characters"
+        )
+    if request.text is not None:
+        check_text_bytes(request.text, "text", limits.max_prompt_bytes)
+    if request.token_ids is not None and len(request.token_ids) > limits.max_prompt_tokens:
+        raise InvalidRequestError.single(
+            "token_ids",
+            f"{len(request.token_ids)} prompt tokens exceed the limit of "
+            f"{limits.max_prompt_tokens}",
+        )
+
+
+def check_text_bytes(text: str, field: str, max_bytes: int) -> None:
+    """Refuse ``text`` beyond ``max_bytes`` UTF-8 bytes without encoding it when avoidable."""
+    # A character is 1-4 bytes: only texts in between need counting.
+    if len(text) > max_bytes or (
+        len(text) * 4 > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes
+    ):
+        raise InvalidRequestError.single(
+            field, f"longer than {max_bytes} bytes, more than the prompt limit could hold"
+        )
 
 
 def _finite(x: float) -> bool:
@@ -259,7 +300,11 @@ def _word_ids(ctx: ValidationContext, texts: Sequence[str], field: str) -> list[
 
 
 def prepare(request: GenerationRequest, ctx: ValidationContext) -> PreparedRequest:
-    """Validate ``request`` and resolve every default; raise a typed error naming the field."""
+    """Validate ``request`` and resolve every default; raise a typed error naming the field.
+
+    Thread-safe (it tokenizes, so the server runs it off the event loop).
+    """
+    check_bounds(request, ctx.limits)
     adapter: AdapterInfo | None = None
     if request.adapter:
         adapter = ctx.find_adapter(request.adapter)

@@ -202,7 +202,7 @@ def test_unexpected_failure_is_internal_without_traceback(monkeypatch: pytest.Mo
             raise RuntimeError("secret internal detail")
 
         # Fault injection at the engine boundary: the servicer must not leak the exception.
-        monkeypatch.setattr(engine, "submit", explode)
+        monkeypatch.setattr(engine, "submit_prepared", explode)
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
             details = details_of(
