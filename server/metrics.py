@@ -12,6 +12,10 @@ The running batch (issue 11) has its own section below, ``_BatchCollector`` and
 and per-step histograms (step time, prefill and decode tokens, rows) fed by the engine's step
 listener once the engine has loaded.
 
+The inference extension's model-server protocol (issue 12) has its own section at the end,
+``_InferenceExtensionCollector``: the queue, running requests, KV-cache use and adapters under
+the names its endpoint picker scrapes (``vllm:*``), next to the peftserve-native ones.
+
 The endpoint is plain HTTP without auth: bind it to loopback or a private network.
 """
 
@@ -132,6 +136,7 @@ class ServerMetrics:
         )
         r.register(_EngineCollector(engine))
         r.register(_BatchCollector(engine))
+        r.register(_InferenceExtensionCollector(engine))
         self.steps = _StepMetrics(r)
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -298,3 +303,76 @@ class _StepMetrics:
         self._prefill.observe(step.prefill_tokens)
         self._decode.observe(step.decode_tokens)
         self.rows.observe(step.rows)
+
+
+# ---- The inference extension's model-server protocol (issue 12) ----
+# The Gateway API Inference Extension's endpoint picker (and llm-d's) route by scraping these
+# names, which its "model server protocol" (proposal 003) documents as vLLM's; it reads them by
+# default, so speaking them makes a peftserve pod routable with no configuration of ours. They
+# repeat peftserve-native gauges under the protocol's names and types. docs/deploy.md says what
+# each one means here.
+IE_QUEUED = "vllm:num_requests_waiting"
+IE_RUNNING = "vllm:num_requests_running"
+IE_KV_CACHE = "vllm:kv_cache_usage_perc"
+# The pre-rename name of the same gauge, still the default of older endpoint pickers.
+IE_KV_CACHE_LEGACY = "vllm:gpu_cache_usage_perc"
+IE_LORA_INFO = "vllm:lora_requests_info"
+IE_LORA_LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
+
+
+def ie_max_lora(engine: Engine) -> int:
+    """``max_lora``: the adapter budget (``--max-loaded-adapters``). With no budget (0) every
+    adapter the replica has stays loaded and no request ever waits for an adapter slot, so the
+    number reported is the adapters it holds (loaded, loading or unloading)."""
+    budget = engine.registry.max_loaded
+    return budget if budget > 0 else engine.registry.occupying()
+
+
+class _InferenceExtensionCollector(Collector):
+    """Scrape-time gauges under the protocol's names (absent while the model loads)."""
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        engine = self._engine()
+        if engine is None:
+            return
+        stats = engine.stats()
+        model = engine.info.model_id
+        gauges = (
+            (IE_QUEUED, "Requests waiting in the queue (TotalQueuedRequests)", stats.queued),
+            (
+                IE_RUNNING,
+                "Requests in the running batch (TotalRunningRequests)",
+                stats.running,
+            ),
+            (
+                IE_KV_CACHE,
+                "KV-cache tokens in use as a fraction of the engine's budget, 0 to 1 "
+                "(KVCacheUtilization)",
+                stats.kv_cache_utilization,
+            ),
+            (IE_KV_CACHE_LEGACY, f"Deprecated alias of {IE_KV_CACHE}", stats.kv_cache_utilization),
+        )
+        for name, documentation, number in gauges:
+            gauge = GaugeMetricFamily(name, documentation, labels=["model_name"])
+            gauge.add_metric([model], float(number))
+            yield gauge
+        # One sample whose labels carry the state and whose value is when it was taken: the
+        # protocol's readers keep the sample with the largest value.
+        lora = GaugeMetricFamily(
+            IE_LORA_INFO,
+            "Adapters of running and of waiting requests (comma-separated) and the adapter "
+            "budget; the value is the Unix time of this reading",
+            labels=list(IE_LORA_LABELS),
+        )
+        lora.add_metric(
+            [
+                ",".join(stats.running_adapters),
+                ",".join(stats.waiting_adapters),
+                str(ie_max_lora(engine)),
+            ],
+            time.time(),
+        )
+        yield lora

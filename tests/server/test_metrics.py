@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 
+import grpc
 import pytest
 from peftserve.client import PeftServeClient, PeftServeClientError
+from peftserve.client.requests import build_generate_request
+from peftserve.v1 import generation_pb2_grpc as pb_grpc
 
 from ..conftest import ServerThread
 
@@ -203,3 +207,109 @@ def test_running_batch_metrics_move_under_load() -> None:
     assert delta["decode"] >= tokens - 1
     assert delta["rows"] >= delta["decode"]
     assert delta["seconds"] > 0
+
+
+# ---- The inference extension's model-server protocol (issue 12) ----
+IE_GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
+
+
+def lora_info(samples: Samples) -> dict[str, str]:
+    """The labels of the single ``vllm:lora_requests_info`` sample."""
+    (labels,) = [dict(k[1]) for k in samples if k[0] == "vllm:lora_requests_info"]
+    return labels
+
+
+def adapter_list(text: str) -> set[str]:
+    return set(text.split(",")) if text else set()
+
+
+def test_inference_extension_metrics_follow_the_running_batch() -> None:
+    """The protocol's gauges under their documented names move with real load, and the adapter
+    labels name exactly the adapters of the running and of the waiting requests."""
+    server = ServerThread(
+        metrics_address="127.0.0.1:0", max_batch_size=2, max_wait_ms=200, max_loaded_adapters=5
+    )
+    # Slow every model step down (on the worker thread, through the public step listener) so
+    # the states below last far longer than a scrape on any machine; nothing is timed.
+    slow = threading.Event()
+    slow.set()
+    try:
+        server.wait_ready()
+        port = server.server.metrics_port
+        assert port
+        engine = server.server.engine()
+        engine.add_step_listener(lambda _step: time.sleep(0.02) if slow.is_set() else None)
+        model = engine.info.model_id
+        idle = scrape(port)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+
+            def start(adapter: str) -> grpc.Future:
+                request = build_generate_request(
+                    "abc", adapter=adapter, max_new_tokens=400, min_new_tokens=400
+                )
+                return stub.Generate.future(request, timeout=120)
+
+            # Two long requests fill the batch (max_batch_size=2); the third has to wait.
+            running = [start("upper"), start("reverse")]
+            scrape_until(
+                port, lambda s: value(s, "vllm:num_requests_running", model_name=model) == 2
+            )
+            waiting = start("title")
+            busy = scrape_until(
+                port, lambda s: value(s, "vllm:num_requests_waiting", model_name=model) == 1
+            )
+            for call in running:
+                call.cancel()
+            # The waiting request takes the freed batch: it is now the running one.
+            promoted = scrape_until(
+                port, lambda s: lora_info(s)["running_lora_adapters"] == "title"
+            )
+            waiting.cancel()
+            drained = scrape_until(
+                port, lambda s: value(s, "vllm:num_requests_running", model_name=model) == 0
+            )
+    finally:
+        slow.clear()
+        server.stop(grace_s=1.0)
+
+    for name in IE_GAUGES:
+        assert value(idle, name, model_name=model) == 0
+    assert lora_info(idle) == {
+        "running_lora_adapters": "",
+        "waiting_lora_adapters": "",
+        "max_lora": "5",
+    }
+    # Under load: the same numbers as the native gauges, under the protocol's names.
+    assert value(busy, "vllm:num_requests_running", model_name=model) == 2
+    assert value(busy, "vllm:num_requests_waiting", model_name=model) == 1
+    assert value(busy, "peftserve_engine_running_requests") == 2
+    assert value(busy, "peftserve_engine_queued_requests") == 1
+    kv = value(busy, "vllm:kv_cache_usage_perc", model_name=model)
+    assert 0 < kv <= 1
+    assert kv == pytest.approx(value(busy, "peftserve_engine_kv_cache_utilization"))
+    assert value(busy, "vllm:gpu_cache_usage_perc", model_name=model) == kv
+    info = lora_info(busy)
+    assert adapter_list(info["running_lora_adapters"]) == {"upper", "reverse"}
+    assert adapter_list(info["waiting_lora_adapters"]) == {"title"}
+    assert info["max_lora"] == "5"
+    # The value is the reading's Unix time: the protocol's readers keep the newest sample.
+    assert abs(value(busy, "vllm:lora_requests_info", **info) - time.time()) < 120
+    assert lora_info(promoted)["waiting_lora_adapters"] == ""
+    assert value(promoted, "vllm:num_requests_running", model_name=model) == 1
+    assert value(promoted, "vllm:num_requests_waiting", model_name=model) == 0
+    assert value(drained, "vllm:kv_cache_usage_perc", model_name=model) == 0
+    assert lora_info(drained)["running_lora_adapters"] == ""
+
+
+def test_max_lora_without_a_budget_is_the_adapters_held() -> None:
+    from peftserve.server.metrics import ie_max_lora
+
+    server = ServerThread()
+    try:
+        server.wait_ready()
+        engine = server.server.engine()
+        assert engine.registry.max_loaded == 0
+        assert ie_max_lora(engine) == len(engine.adapters()) == 3
+    finally:
+        server.stop(grace_s=1.0)
