@@ -9,17 +9,14 @@ PROTO_OUT := client/generated
 PROTOS := $(wildcard protos/peftserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test check lint typecheck protos bench soak clean
+.PHONY: install serve test check lint typecheck manifests protos bench soak clean
 
 install: $(STAMP)
 
-# torch==2.13.0 goes in first and alone: it is the local CPU wheel, and anything that pulls an
-# unpinned torch before it would fetch gigabytes of CUDA packages.
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[server,dev,bench]'
+# scripts/install.sh puts torch==2.13.0 in first and alone (here the local CPU wheel); the
+# container image (deploy/kubernetes/Containerfile) installs with the same script.
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) scripts/install.sh $(VENV) server,dev,bench
 	touch $@
 
 $(NPM_STAMP): package.json examples/node/package-lock.json
@@ -48,7 +45,11 @@ typecheck: $(STAMP)
 	$(PY) scripts/typecheck_tree.py .typecheck
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p peftserve.client -p peftserve.server
 
-check: lint typecheck
+# Render every overlay of deploy/kubernetes and validate it offline (needs kubectl).
+manifests: $(STAMP)
+	$(PY) scripts/validate_manifests.py
+
+check: lint typecheck manifests
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
