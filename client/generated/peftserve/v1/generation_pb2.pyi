@@ -12,9 +12,11 @@ Errors use the standard gRPC status codes with google.rpc details (AIP-193):
                       (e.g. "parameters.top_p"), google.rpc.ErrorInfo gives a stable reason.
   NOT_FOUND           the named adapter is not loaded (never silently served by the base).
   RESOURCE_EXHAUSTED  the request queue is full; google.rpc.RetryInfo says when to retry. Also
-                      LoadAdapter when the adapter budget is full of pinned or busy adapters.
+                      LoadAdapter when the adapter budget is full of pinned or busy adapters,
+                      and a constraint that did not compile within the server's time limit.
   FAILED_PRECONDITION an adapter directory cannot be loaded (pickle-only weights, bad config)
-                      or the adapter's state forbids the call (e.g. already loading).
+                      or the adapter's state forbids the call (e.g. already loading); also
+                      chat input to a model without a chat template (names the field "chat").
   ALREADY_EXISTS      LoadAdapter names an adapter that is already loaded from another path.
   DEADLINE_EXCEEDED   the deadline passed before the request could run.
   UNAVAILABLE         the server is loading or draining.
@@ -59,6 +61,14 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """The caller's deadline passed during generation."""
     FINISH_REASON_CONTEXT_LENGTH: _FinishReason.ValueType  # 6
     """The model's context window is full."""
+    FINISH_REASON_CONSTRAINT_INCOMPLETE: _FinishReason.ValueType  # 7
+    """max_new_tokens (or max_length) ended a constrained sequence before its constraint was
+    satisfied: the text is a prefix of a valid output, and Sequence.incomplete is true.
+    """
+    FINISH_REASON_CONSTRAINT_DEAD_END: _FinishReason.ValueType  # 8
+    """The constraint allowed no further token (every token it allows was excluded, e.g. by
+    bad_words or min_new_tokens): the sequence ends there, Sequence.incomplete is true.
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a returned sequence stopped."""
@@ -77,6 +87,14 @@ FINISH_REASON_DEADLINE_EXCEEDED: FinishReason.ValueType  # 5
 """The caller's deadline passed during generation."""
 FINISH_REASON_CONTEXT_LENGTH: FinishReason.ValueType  # 6
 """The model's context window is full."""
+FINISH_REASON_CONSTRAINT_INCOMPLETE: FinishReason.ValueType  # 7
+"""max_new_tokens (or max_length) ended a constrained sequence before its constraint was
+satisfied: the text is a prefix of a valid output, and Sequence.incomplete is true.
+"""
+FINISH_REASON_CONSTRAINT_DEAD_END: FinishReason.ValueType  # 8
+"""The constraint allowed no further token (every token it allows was excluded, e.g. by
+bad_words or min_new_tokens): the sequence ends there, Sequence.incomplete is true.
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _AdapterState:
@@ -416,6 +434,176 @@ class ResponseOptions(_message.Message):
 Global___ResponseOptions: _TypeAlias = ResponseOptions  # noqa: Y015
 
 @_typing.final
+class ChatMessage(_message.Message):
+    """One message of a chat conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """Who speaks, as the model's chat template names it, e.g. "system", "user", "assistant".
+    Must not be empty; a role the template does not know is INVALID_ARGUMENT.
+    """
+    content: _builtins.str
+    """What was said. Empty: an empty turn (the template decides how it renders)."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class ChatInput(_message.Message):
+    """Chat input: messages rendered into the prompt by the served model's own chat template.
+
+    The template comes from the model directory only (tokenizer_config.json / chat_template.jinja),
+    never from a request, and renders in transformers' sandboxed Jinja environment. A model
+    without a chat template answers FAILED_PRECONDITION naming the field "chat". The rendered
+    prompt is tokenized without adding special tokens (the template adds them), and the template's
+    end-of-turn token ends generation like the end-of-sequence token does.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
+    CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
+    add_generation_prompt: _builtins.bool
+    """Append the template's cue for the assistant's reply. Unset: true."""
+    continue_final_message: _builtins.bool
+    """Leave the final message open so the reply continues it (the final message must then be the
+    assistant's, and add_generation_prompt must not be true). False: messages are closed.
+    """
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """The conversation, oldest first; must not be empty."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        add_generation_prompt: _builtins.bool | None = ...,
+        continue_final_message: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "add_generation_prompt", b"add_generation_prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt", "add_generation_prompt", b"add_generation_prompt", "continue_final_message", b"continue_final_message", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__add_generation_prompt: _TypeAlias = _typing.Literal["add_generation_prompt"]  # noqa: Y015
+    _WhichOneofArgType__add_generation_prompt: _TypeAlias = _typing.Literal["_add_generation_prompt", b"_add_generation_prompt"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__add_generation_prompt) -> _WhichOneofReturnType__add_generation_prompt | None: ...
+
+Global___ChatInput: _TypeAlias = ChatInput  # noqa: Y015
+
+@_typing.final
+class ChoiceList(_message.Message):
+    """A list of allowed outputs for Constraint.choice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHOICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The allowed outputs, matched exactly; at least one, none empty."""
+
+    def __init__(
+        self,
+        *,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChoiceList: _TypeAlias = ChoiceList  # noqa: Y015
+
+@_typing.final
+class JsonObject(_message.Message):
+    """Any JSON object, without a schema (Constraint.json_object)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JsonObject: _TypeAlias = JsonObject  # noqa: Y015
+
+@_typing.final
+class Constraint(_message.Message):
+    """A structural constraint on the generated text: the output must match it from its first token.
+
+    Tokens the constraint does not allow are masked before sampling, and end-of-sequence is
+    allowed only where the constraint is satisfied. Constrained and unconstrained requests share
+    batches; a request gets the same tokens either way. Constraints are compiled once per distinct
+    text and cached; compiling is bounded by the server's size and time limits (too long:
+    INVALID_ARGUMENT; compile time limit passed: RESOURCE_EXHAUSTED). An invalid constraint is
+    INVALID_ARGUMENT naming the field (e.g. "constraint.regex") with the compiler's message and
+    position. Not available with num_beams > 1.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    JSON_OBJECT_FIELD_NUMBER: _builtins.int
+    REGEX_FIELD_NUMBER: _builtins.int
+    GRAMMAR_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    json_schema: _builtins.str
+    """A JSON Schema (as JSON text) the output must be an instance of, compact JSON. The
+    supported subset is llguidance's (types, properties, required, items, enum, const,
+    anyOf/oneOf, $ref/$defs, pattern, length and number bounds).
+    """
+    regex: _builtins.str
+    """A regular expression (Rust regex syntax) the whole output must match."""
+    grammar: _builtins.str
+    """A context-free grammar in llguidance's Lark dialect (see llguidance docs/syntax.md);
+    the output must be a sentence of its `start` rule.
+    """
+    @_builtins.property
+    def json_object(self) -> Global___JsonObject:
+        """Any JSON object."""
+
+    @_builtins.property
+    def choice(self) -> Global___ChoiceList:
+        """The output must be exactly one of these strings."""
+
+    def __init__(
+        self,
+        *,
+        json_schema: _builtins.str = ...,
+        json_object: Global___JsonObject | None = ...,
+        regex: _builtins.str = ...,
+        grammar: _builtins.str = ...,
+        choice: Global___ChoiceList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["json_schema", "json_object", "regex", "grammar", "choice"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Constraint: _TypeAlias = Constraint  # noqa: Y015
+
+@_typing.final
 class GenerateRequest(_message.Message):
     """A generation request, for both Generate and StreamGenerate."""
 
@@ -424,9 +612,11 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional client-chosen id, echoed in responses and logged. Empty: the server makes one."""
     text: _builtins.str
@@ -440,6 +630,10 @@ class GenerateRequest(_message.Message):
         """Pre-tokenized input, used verbatim."""
 
     @_builtins.property
+    def chat(self) -> Global___ChatInput:
+        """Chat messages, rendered with the served model's chat template."""
+
+    @_builtins.property
     def parameters(self) -> Global___GenerationParameters:
         """Generation parameters. Unset: all defaults."""
 
@@ -447,21 +641,27 @@ class GenerateRequest(_message.Message):
     def options(self) -> Global___ResponseOptions:
         """Response options. Unset: text only."""
 
+    @_builtins.property
+    def constraint(self) -> Global___Constraint:
+        """A structural constraint on the output (JSON schema, regex, grammar, choice). Unset: none."""
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         text: _builtins.str = ...,
         token_ids: Global___TokenIds | None = ...,
+        chat: Global___ChatInput | None = ...,
         adapter: _builtins.str = ...,
         parameters: Global___GenerationParameters | None = ...,
         options: Global___ResponseOptions | None = ...,
+        constraint: Global___Constraint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "options", b"options", "parameters", b"parameters", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "constraint", b"constraint", "input", b"input", "options", b"options", "parameters", b"parameters", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "input", b"input", "options", b"options", "parameters", b"parameters", "request_id", b"request_id", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "chat", b"chat", "constraint", b"constraint", "input", b"input", "options", b"options", "parameters", b"parameters", "request_id", b"request_id", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "token_ids"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "token_ids", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
@@ -545,6 +745,7 @@ class Sequence(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     BEAM_SCORE_FIELD_NUMBER: _builtins.int
+    INCOMPLETE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """0-based index among the request's returned sequences."""
     text: _builtins.str
@@ -553,6 +754,11 @@ class Sequence(_message.Message):
     """Why the sequence ended."""
     beam_score: _builtins.float
     """Beam search score (length-penalised sum of log-probabilities). Unset: no beam search ran."""
+    incomplete: _builtins.bool
+    """True: the request had a constraint and this text does not satisfy it (cut short by a
+    length limit, a stop sequence, a dead end, cancellation or the deadline). False: no
+    constraint, or the text satisfies it.
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generated token ids; empty unless options.return_token_ids."""
@@ -570,10 +776,11 @@ class Sequence(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
         beam_score: _builtins.float | None = ...,
+        incomplete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_beam_score", b"_beam_score", "beam_score", b"beam_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beam_score", b"_beam_score", "beam_score", b"beam_score", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beam_score", b"_beam_score", "beam_score", b"beam_score", "finish_reason", b"finish_reason", "incomplete", b"incomplete", "index", b"index", "logprobs", b"logprobs", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beam_score: _TypeAlias = _typing.Literal["beam_score"]  # noqa: Y015
     _WhichOneofArgType__beam_score: _TypeAlias = _typing.Literal["_beam_score", b"_beam_score"]  # noqa: Y015
@@ -1021,6 +1228,8 @@ class ServerLimits(_message.Message):
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _builtins.int
     MAX_STOP_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
     MAX_TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    MAX_CONSTRAINT_TEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_COMPILE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
     """Most requests that run in one batch."""
     max_batch_tokens: _builtins.int
@@ -1041,6 +1250,14 @@ class ServerLimits(_message.Message):
     """Longest stop sequence, in characters."""
     max_top_logprobs: _builtins.int
     """Largest accepted options.top_logprobs."""
+    max_constraint_text_length: _builtins.int
+    """Longest constraint text (json_schema, regex or grammar; for choice, all choices together),
+    in characters. 0: the server predates constraints.
+    """
+    constraint_compile_timeout_ms: _builtins.int
+    """How long a constraint may take to compile before the request is RESOURCE_EXHAUSTED, in
+    milliseconds. 0: the server predates constraints.
+    """
     def __init__(
         self,
         *,
@@ -1054,10 +1271,12 @@ class ServerLimits(_message.Message):
         max_stop_sequences: _builtins.int = ...,
         max_stop_sequence_length: _builtins.int = ...,
         max_top_logprobs: _builtins.int = ...,
+        max_constraint_text_length: _builtins.int = ...,
+        constraint_compile_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_max_new_tokens", b"default_max_new_tokens", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_beams_times_sequences", b"max_beams_times_sequences", "max_new_tokens", b"max_new_tokens", "max_prompt_tokens", b"max_prompt_tokens", "max_queue_size", b"max_queue_size", "max_stop_sequence_length", b"max_stop_sequence_length", "max_stop_sequences", b"max_stop_sequences", "max_top_logprobs", b"max_top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint_compile_timeout_ms", b"constraint_compile_timeout_ms", "default_max_new_tokens", b"default_max_new_tokens", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_beams_times_sequences", b"max_beams_times_sequences", "max_constraint_text_length", b"max_constraint_text_length", "max_new_tokens", b"max_new_tokens", "max_prompt_tokens", b"max_prompt_tokens", "max_queue_size", b"max_queue_size", "max_stop_sequence_length", b"max_stop_sequence_length", "max_stop_sequences", b"max_stop_sequences", "max_top_logprobs", b"max_top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1076,6 +1295,7 @@ class GetModelInfoResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     EOS_TOKEN_ID_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The served model's id."""
     dtype: _builtins.str
@@ -1088,6 +1308,10 @@ class GetModelInfoResponse(_message.Message):
     """Vocabulary size; valid token ids are below it."""
     eos_token_id: _builtins.int
     """End-of-sequence token id. Unset: the model defines none."""
+    chat_template: _builtins.bool
+    """True: the model directory has a chat template, so GenerateRequest.chat is accepted.
+    False: chat input is FAILED_PRECONDITION.
+    """
     @_builtins.property
     def limits(self) -> Global___ServerLimits:
         """The limits in force."""
@@ -1102,10 +1326,11 @@ class GetModelInfoResponse(_message.Message):
         vocab_size: _builtins.int = ...,
         eos_token_id: _builtins.int | None = ...,
         limits: Global___ServerLimits | None = ...,
+        chat_template: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_eos_token_id", b"_eos_token_id", "eos_token_id", b"eos_token_id", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eos_token_id", b"_eos_token_id", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "limits", b"limits", "model_id", b"model_id", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eos_token_id", b"_eos_token_id", "chat_template", b"chat_template", "context_length", b"context_length", "device", b"device", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "limits", b"limits", "model_id", b"model_id", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eos_token_id: _TypeAlias = _typing.Literal["eos_token_id"]  # noqa: Y015
     _WhichOneofArgType__eos_token_id: _TypeAlias = _typing.Literal["_eos_token_id", b"_eos_token_id"]  # noqa: Y015

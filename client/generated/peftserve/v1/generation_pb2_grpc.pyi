@@ -12,9 +12,11 @@ Errors use the standard gRPC status codes with google.rpc details (AIP-193):
                       (e.g. "parameters.top_p"), google.rpc.ErrorInfo gives a stable reason.
   NOT_FOUND           the named adapter is not loaded (never silently served by the base).
   RESOURCE_EXHAUSTED  the request queue is full; google.rpc.RetryInfo says when to retry. Also
-                      LoadAdapter when the adapter budget is full of pinned or busy adapters.
+                      LoadAdapter when the adapter budget is full of pinned or busy adapters,
+                      and a constraint that did not compile within the server's time limit.
   FAILED_PRECONDITION an adapter directory cannot be loaded (pickle-only weights, bad config)
-                      or the adapter's state forbids the call (e.g. already loading).
+                      or the adapter's state forbids the call (e.g. already loading); also
+                      chat input to a model without a chat template (names the field "chat").
   ALREADY_EXISTS      LoadAdapter names an adapter that is already loaded from another path.
   DEADLINE_EXCEEDED   the deadline passed before the request could run.
   UNAVAILABLE         the server is loading or draining.
