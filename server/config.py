@@ -123,6 +123,18 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("engine", "max_constraints", "most bad_words / sequence_bias entries per request"),
     _Option("engine", "max_constraint_length", "longest bad word or biased text, in characters"),
+    _Option(
+        "engine",
+        "max_constraint_text_length",
+        "longest constraint (JSON schema, regex, grammar, all choices), in characters",
+    ),
+    _Option(
+        "engine",
+        "constraint_compile_timeout_s",
+        "seconds a constraint may take to compile before its request is RESOURCE_EXHAUSTED",
+    ),
+    _Option("engine", "constraint_cache_size", "compiled constraints cached, by grammar text"),
+    _Option("engine", "constraint_compile_threads", "threads that compile constraints"),
     _Option("server", "max_receive_message_bytes", "largest gRPC message accepted, in bytes"),
     _Option("server", "max_send_message_bytes", "largest gRPC message sent, in bytes"),
     _Option("server", "shutdown_grace_s", "seconds in-flight requests get to finish on SIGTERM"),
@@ -305,6 +317,15 @@ def validate_config(config: ServerConfig) -> list[str]:
         problems.append("--max-prompt-bytes must be >= 1")
     if engine.max_wait_ms < 0:
         problems.append("--max-wait-ms must be >= 0")
+    for name in (
+        "max_constraint_text_length",
+        "constraint_cache_size",
+        "constraint_compile_threads",
+    ):
+        if getattr(engine, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if not engine.constraint_compile_timeout_s > 0:
+        problems.append("--constraint-compile-timeout-s must be > 0")
     if config.shutdown_grace_s < 0:
         problems.append("--shutdown-grace-s must be >= 0")
     if engine.max_loaded_adapters < 0:

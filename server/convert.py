@@ -19,6 +19,10 @@ from .engine.types import (
     AdapterEventKind,
     AdapterState,
     AdapterStatus,
+    ChatInput,
+    ChatMessage,
+    Constraint,
+    ConstraintKind,
     EffectiveParams,
     FinishReason,
     GenerationParams,
@@ -39,6 +43,8 @@ _FINISH_REASONS: dict[FinishReason, pb.FinishReason.ValueType] = {
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
     FinishReason.DEADLINE_EXCEEDED: pb.FINISH_REASON_DEADLINE_EXCEEDED,
     FinishReason.CONTEXT_LENGTH: pb.FINISH_REASON_CONTEXT_LENGTH,
+    FinishReason.CONSTRAINT_INCOMPLETE: pb.FINISH_REASON_CONSTRAINT_INCOMPLETE,
+    FinishReason.CONSTRAINT_DEAD_END: pb.FINISH_REASON_CONSTRAINT_DEAD_END,
 }
 
 _PARAMETER_FIELDS = pb.GenerationParameters.DESCRIPTOR.fields
@@ -59,7 +65,7 @@ def generation_request(message: pb.GenerateRequest, deadline: float | None) -> G
     """GenerateRequest -> engine request. ``deadline`` is a ``time.monotonic()`` instant."""
     input_kind = message.WhichOneof("input")
     if input_kind is None:
-        raise InvalidRequestError.single("input", "set exactly one of text or token_ids")
+        raise InvalidRequestError.single("input", "set exactly one of text, token_ids or chat")
     params = message.parameters
     values: dict[str, object] = {
         name: getattr(params, name) for name in _OPTIONAL_PARAMS if params.HasField(name)
@@ -83,11 +89,36 @@ def generation_request(message: pb.GenerateRequest, deadline: float | None) -> G
         request_id=message.request_id or new_request_id(),
         text=message.text if input_kind == "text" else None,
         token_ids=tuple(message.token_ids.ids) if input_kind == "token_ids" else None,
+        chat=_chat(message.chat) if input_kind == "chat" else None,
         adapter=message.adapter,
         parameters=parameters,
         options=options,
         deadline=deadline,
+        constraint=_constraint(message.constraint) if message.HasField("constraint") else None,
     )
+
+
+def _chat(chat: pb.ChatInput) -> ChatInput:
+    return ChatInput(
+        messages=tuple(ChatMessage(m.role, m.content) for m in chat.messages),
+        add_generation_prompt=(
+            chat.add_generation_prompt if chat.HasField("add_generation_prompt") else None
+        ),
+        continue_final_message=chat.continue_final_message,
+    )
+
+
+def _constraint(constraint: pb.Constraint) -> Constraint:
+    kind = constraint.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError.single(
+            "constraint", "set one of json_schema, json_object, regex, grammar or choice"
+        )
+    if kind == "choice":
+        return Constraint(ConstraintKind.CHOICE, choices=tuple(constraint.choice.choices))
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    return Constraint(ConstraintKind(kind), text=getattr(constraint, kind))
 
 
 def _float32_to_python(value: float) -> float:
@@ -129,6 +160,7 @@ def _sequence(seq: SequenceResult, options: ResponseOptions, with_content: bool)
             message.logprobs.extend(_logprobs(seq.logprobs))
     if seq.beam_score is not None:
         message.beam_score = seq.beam_score
+    message.incomplete = seq.incomplete
     return message
 
 
@@ -245,7 +277,10 @@ def model_info_response(info: ModelInfo) -> pb.GetModelInfoResponse:
             max_stop_sequences=limits.max_stop_sequences,
             max_stop_sequence_length=limits.max_stop_sequence_length,
             max_top_logprobs=limits.max_top_logprobs,
+            max_constraint_text_length=limits.max_constraint_text_length,
+            constraint_compile_timeout_ms=round(limits.constraint_compile_timeout_s * 1000),
         ),
+        chat_template=info.chat_template,
     )
     if info.eos_token_id is not None:
         response.eos_token_id = info.eos_token_id

@@ -32,6 +32,23 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, SEP_TOKEN)
 PAD_ID, BOS_ID, EOS_ID, SEP_ID = range(len(SPECIAL_TOKENS))
 NUM_BYTES = 256
 VOCAB_SIZE = len(SPECIAL_TOKENS) + NUM_BYTES
+# The chat template of the demo model, in the format it was trained on: a user turn is
+# "<s>{content}<sep>", the reply "{content}</s>". The model (and every adapter) answers a
+# user message by transforming it, so there is no system role; multi-turn chats repeat the
+# pattern. ``</s>`` is therefore also the end-of-turn token.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- bos_token + message['content'] -}}"
+    "{%- if not loop.last or add_generation_prompt -%}{{- sep_token -}}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- message['content'] + eos_token -}}"
+    "{%- else -%}"
+    "{{- raise_exception('the demo model knows the roles user and assistant, not ' "
+    "+ message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -101,6 +118,7 @@ def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
         model_max_length=512,
         clean_up_tokenization_spaces=False,
     )
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 

@@ -21,6 +21,8 @@ from .engine.errors import (
     AdapterNotFoundError,
     AdapterStateError,
     BatchOutOfMemoryError,
+    ChatTemplateMissingError,
+    ConstraintTimeoutError,
     DeadlineExceededError,
     EngineUnavailableError,
     InvalidRequestError,
@@ -44,6 +46,8 @@ _CODES: tuple[tuple[type[PeftServeError], grpc.StatusCode], ...] = (
     (AdapterStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (AdapterBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ConstraintTimeoutError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ChatTemplateMissingError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 
@@ -109,6 +113,30 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
                             type="ADAPTER_DIRECTORY",
                             subject=error.field or f"adapter/{error.adapter}",
                             description=error.detail,
+                        )
+                    ]
+                )
+            )
+        )
+    elif isinstance(error, ChatTemplateMissingError):
+        details.append(
+            _pack(
+                error_details_pb2.PreconditionFailure(
+                    violations=[
+                        error_details_pb2.PreconditionFailure.Violation(
+                            type="CHAT_TEMPLATE", subject=error.field, description=error.message
+                        )
+                    ]
+                )
+            )
+        )
+    elif isinstance(error, ConstraintTimeoutError):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=error.field, description=error.message
                         )
                     ]
                 )

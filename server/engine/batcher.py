@@ -486,6 +486,7 @@ class Batcher:
                     token_ids=tuple(row.tokens),
                     finish_reason=row.finish_reason or default_reason,
                     logprobs=tuple(row.logprobs),
+                    incomplete=row.incomplete or (row.constraint is not None and not row.finished),
                 )
                 for row in job.rows
             ]

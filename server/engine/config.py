@@ -46,6 +46,15 @@ class EngineConfig:
     # most max_constraint_length characters (each entry becomes a logits-processor rule).
     max_constraints: int = 64
     max_constraint_length: int = 128
+    # Structured output (GenerateRequest.constraint). Longest constraint text in characters
+    # (JSON schema, regex, grammar, or all choices together); longer is INVALID_ARGUMENT.
+    max_constraint_text_length: int = 65536
+    # A compile slower than this fails its request with RESOURCE_EXHAUSTED (only that one).
+    constraint_compile_timeout_s: float = 5.0
+    # Compiled constraints kept, by grammar text (least recently used dropped), and the
+    # threads that compile them (never the decode loop).
+    constraint_cache_size: int = 256
+    constraint_compile_threads: int = 2
     # Adapter lifecycle. Most adapters loaded at once (0 = unlimited); beyond it the least
     # recently used idle, unpinned adapter is evicted to make room.
     max_loaded_adapters: int = 0

@@ -31,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .batcher import Batcher, EngineStats, StepListener
+from .chat import ChatRenderer
 from .config import EngineConfig
 from .detokenize import Decoder
 from .errors import (
@@ -54,6 +55,7 @@ from .registry import (
     resolve_adapter_dir,
 )
 from .runner import BatchKey, ModelRunner
+from .structured import ConstraintCompiler
 from .types import (
     AdapterEvent,
     AdapterInfo,
@@ -162,6 +164,18 @@ class Engine:
             max_top_logprobs=config.max_top_logprobs,
             max_constraints=config.max_constraints,
             max_constraint_length=config.max_constraint_length,
+            max_constraint_text_length=config.max_constraint_text_length,
+            constraint_compile_timeout_s=config.constraint_compile_timeout_s,
+        )
+        self._chat = ChatRenderer(self._tokenizer)
+        self._compiler = ConstraintCompiler(
+            self._tokenizer,
+            int(text_config.vocab_size),
+            max_text_length=config.max_constraint_text_length,
+            timeout_s=config.constraint_compile_timeout_s,
+            cache_size=config.constraint_cache_size,
+            threads=config.constraint_compile_threads,
+            max_choices=config.max_constraints,
         )
         model_id = config.model_id or config.model_path.name
         self._info = ModelInfo(
@@ -173,6 +187,7 @@ class Engine:
             vocab_size=int(text_config.vocab_size),
             eos_token_id=eos_ids[0] if eos_ids else None,
             limits=limits,
+            chat_template=self._chat.has_template,
         )
         self._validation = ValidationContext(
             limits=limits,
@@ -182,6 +197,9 @@ class Engine:
             encode=self._encode,
             find_adapter=self._registry.get,
             adapter_names=self._registry.names,
+            render_chat=self._chat.render,
+            end_of_turn_ids=self._chat.end_of_turn_ids,
+            compile_constraint=self._compiler.compile,
         )
         self._runner = ModelRunner(
             self._registry, cast(Decoder, self._tokenizer), device, int(pad_id), eos_ids
@@ -337,6 +355,10 @@ class Engine:
         self.check_admission(request, self._preparing)
         self._preparing += 1
         try:
+            if request.constraint is not None:
+                # Compiled in the compiler's own threads within its time limit, so ``prepare``
+                # finds it in the cache and a slow grammar never holds a preparing thread.
+                await self._compiler.compile_async(request.constraint)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._prepare_pool, self.prepare, request)
         finally:
@@ -576,6 +598,7 @@ class Engine:
         await self._wait_idle(CANCEL_GRACE_S)
         await self._batcher.join()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        self._compiler.close()
 
     def stats(self) -> EngineStats:
         return self._batcher.stats()

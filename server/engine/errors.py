@@ -132,3 +132,34 @@ class BatchOutOfMemoryError(PeftServeError):
     started to stream (gRPC RESOURCE_EXHAUSTED)."""
 
     reason = "OUT_OF_MEMORY"
+
+
+class ConstraintTimeoutError(PeftServeError):
+    """A request's constraint did not compile within the server's time limit
+    (gRPC RESOURCE_EXHAUSTED). Only that request fails; the compile finishes in its thread and
+    is cached, so a retry of the same constraint may find it ready."""
+
+    reason = "CONSTRAINT_COMPILE_TIMEOUT"
+
+    def __init__(self, field: str, timeout_s: float) -> None:
+        self.field = field
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"{field}: did not compile within the server's limit of {timeout_s:g} s; "
+            "simplify the constraint, or retry later (a finished compile is cached)"
+        )
+
+
+class ChatTemplateMissingError(PeftServeError):
+    """Chat input for a model whose directory has no chat template (gRPC FAILED_PRECONDITION).
+
+    The server never guesses a template and never takes one from a request."""
+
+    reason = "CHAT_TEMPLATE_MISSING"
+
+    def __init__(self, field: str = "chat") -> None:
+        self.field = field
+        super().__init__(
+            f"{field}: the served model has no chat template in its directory; send text or "
+            "token_ids instead"
+        )

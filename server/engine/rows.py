@@ -8,7 +8,9 @@
   itself - argmax, or a draw with the row's own ``torch.Generator`` - and returns scores that
   are -inf except the chosen token, so ``generate``'s argmax takes exactly that token. A row's
   sampled tokens thus depend only on its own seed and its own logits, never on its neighbours.
-  Logprobs are taken here from the raw model logits.
+  Logprobs are taken here from the raw model logits. A constrained row's grammar mask
+  (``structured.RowConstraint``) is applied first, before its processors, so top-k/top-p act
+  on the allowed tokens only; a row whose mask and processors leave no token is a dead end.
 * ``RowStoppingCriteria`` gets each new token right after it is appended: it feeds the row's
   detokenizer, emits the token event, and ends the row on EOS, its own max_new_tokens, a stop
   sequence, cancellation or deadline. A finished row's result is published at once.
@@ -28,6 +30,7 @@ from transformers import LogitsProcessorList, StoppingCriteria
 
 from .detokenize import TextStream
 from .handle import Job, flush_events
+from .structured import RowConstraint
 from .types import FinishReason, TokenEvent, TokenLogprob, TopLogprob
 
 
@@ -48,6 +51,10 @@ class Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     pending_logprob: TokenLogprob | None = None
+    constraint: RowConstraint | None = None  # None: unconstrained
+    dead_end: bool = False  # the constraint left no token at the last step
+    # Constrained and the text does not satisfy the constraint (set when the row finishes).
+    incomplete: bool = False
 
     @property
     def finished(self) -> bool:
@@ -91,6 +98,9 @@ class BatchState:
         tail = row.stream.finish()
         if tail:
             row.job.publish_event(TokenEvent(row.index, (), tail))
+        if row.constraint is not None:
+            satisfied = reason in (FinishReason.EOS, FinishReason.LENGTH)
+            row.incomplete = not (satisfied and row.constraint.is_complete)
         row.finish_reason = reason
         job = row.job
         if not job.done and all(r.finished for r in job.rows):
@@ -103,6 +113,8 @@ class BatchState:
         if logprob is not None:
             row.logprobs.append(logprob)
         delta = row.stream.push(token)
+        if row.constraint is not None:
+            row.constraint.accept(token)
         reason: FinishReason | None = None
         if row.stream.stopped:
             reason = FinishReason.STOP_SEQUENCE
@@ -110,6 +122,8 @@ class BatchState:
             reason = FinishReason.EOS
         elif len(row.tokens) >= row.max_new_tokens:
             reason = FinishReason.LENGTH
+            if row.constraint is not None and not row.constraint.is_complete:
+                reason = FinishReason.CONSTRAINT_INCOMPLETE
         if reason is not None:
             # Flush held-back text into this token's event so the stream ends with it.
             delta += row.stream.finish()
@@ -163,10 +177,17 @@ class RowLogitsProcessor:
                 continue
             raw = scores[i]
             processed = raw
+            if row.constraint is not None:
+                processed = row.constraint.apply_mask(raw.clone())
             if len(row.processors) > 0:
                 start = state.padded_prompt_len - row.prompt_len
                 ids = input_ids[i : i + 1, start:]
-                processed = apply_processors(row.processors, ids, raw.unsqueeze(0).clone())[0]
+                processed = apply_processors(row.processors, ids, processed.unsqueeze(0).clone())[0]
+            if row.constraint is not None and row.constraint.is_dead_end(processed):
+                # Nothing is left to choose: never sample from all -inf (NaN); end the row.
+                row.dead_end = True
+                chosen[i, 0] = 0.0
+                continue
             if row.generator is not None:
                 probs = torch.softmax(processed.float(), dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=row.generator))
@@ -213,7 +234,11 @@ class RowStoppingCriteria(StoppingCriteria):
             )  # type: ignore[return-value]
         last = input_ids[:, -1].tolist()
         for i, row in enumerate(state.rows):
-            if not row.finished:
+            if row.finished:
+                continue
+            if row.dead_end:
+                state.finish_row(row, FinishReason.CONSTRAINT_DEAD_END)
+            else:
                 state.accept(row, int(last[i]))
         flush_events(state.jobs)
         done = [row.finished for row in state.rows]

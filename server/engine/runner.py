@@ -26,6 +26,7 @@ from .handle import Job
 from .peft_guard import guard_models
 from .registry import BASE_ROW_MARKER, AdapterRegistry
 from .rows import BatchState, Row, RowLogitsProcessor, RowStoppingCriteria
+from .structured import RowConstraint
 from .types import FinishReason, SequenceResult, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,10 @@ class ModelRunner:
             generator = torch.Generator(device=self.device)
             generator.manual_seed((e.seed + index) % (2**64))
         options = prepared.request.options
+        stop_ids = frozenset(self.eos_token_ids) | frozenset(prepared.extra_stop_ids)
+        constraint = None
+        if prepared.constraint is not None:
+            constraint = RowConstraint(prepared.constraint, stop_ids)
         return Row(
             job=job,
             index=index,
@@ -123,9 +128,10 @@ class ModelRunner:
             processors=processors,
             generator=generator,
             max_new_tokens=e.max_new_tokens,
-            eos_ids=frozenset(self.eos_token_ids),
+            eos_ids=stop_ids,
             stream=TextStream(self.tokenizer, e.stop_sequences, options.skip_special_tokens),
             logprobs_top_n=options.top_logprobs if options.return_logprobs else None,
+            constraint=constraint,
         )
 
     def run(

@@ -21,6 +21,50 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"  # the caller cancelled the request
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the caller's deadline passed mid-generation
     CONTEXT_LENGTH = "context_length"  # the model's context window is full
+    # A length limit ended a constrained row before its constraint was satisfied.
+    CONSTRAINT_INCOMPLETE = "constraint_incomplete"
+    # The constraint allowed no token that the row's other rules (bad words, min tokens) allow.
+    CONSTRAINT_DEAD_END = "constraint_dead_end"
+
+
+class ConstraintKind(enum.Enum):
+    """Which kind of structural constraint a request carries (the contract's oneof)."""
+
+    JSON_SCHEMA = "json_schema"  # JSON Schema text
+    JSON_OBJECT = "json_object"  # any JSON object
+    REGEX = "regex"  # a regular expression the whole output matches
+    GRAMMAR = "grammar"  # llguidance's Lark dialect
+    CHOICE = "choice"  # exactly one of a list of strings
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A structural constraint on the output; ``text`` is empty for JSON_OBJECT and CHOICE."""
+
+    kind: ConstraintKind
+    text: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def field(self) -> str:
+        """The contract's field path of this constraint's value."""
+        return f"constraint.{self.kind.value}"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """Messages rendered by the served model's own chat template (never one from a request)."""
+
+    messages: tuple[ChatMessage, ...]
+    # None means the default: True.
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,17 +113,20 @@ class ResponseOptions:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One caller's request. Exactly one of ``text`` and ``token_ids`` is set."""
+    """One caller's request. Exactly one of ``text``, ``token_ids`` and ``chat`` is set."""
 
     request_id: str
     text: str | None = None
     token_ids: tuple[int, ...] | None = None
+    chat: ChatInput | None = None
     # "" means the base model without any adapter.
     adapter: str = ""
     parameters: GenerationParams = field(default_factory=GenerationParams)
     options: ResponseOptions = field(default_factory=ResponseOptions)
     # Absolute ``time.monotonic()`` instant after which the caller no longer wants an answer.
     deadline: float | None = None
+    # None: the output is unconstrained.
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +169,8 @@ class SequenceResult:
     logprobs: tuple[TokenLogprob, ...] = ()
     # Beam search score (length-penalised sum of log-probabilities); None without beams.
     beam_score: float | None = None
+    # The request was constrained and this text does not satisfy its constraint.
+    incomplete: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,6 +247,9 @@ class EngineLimits:
     max_top_logprobs: int
     max_constraints: int
     max_constraint_length: int
+    # Structured output: longest constraint text (characters) and the compile time limit.
+    max_constraint_text_length: int = 0
+    constraint_compile_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +262,8 @@ class ModelInfo:
     vocab_size: int
     eos_token_id: int | None
     limits: EngineLimits
+    # The model directory ships a chat template, so chat input is accepted.
+    chat_template: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ clamped. Defined semantics worth knowing (also in ``docs/engine.md``):
   With neither, ``default_max_new_tokens`` applies, shortened to fit the context window.
 * ``top_logprobs > 0`` requires ``return_logprobs``; logprobs are not available with beams.
 * Beam sampling (``do_sample`` with ``num_beams > 1``) is not supported.
+* Chat input renders with the model's own template (``chat.py``); a constraint compiles
+  (``structured.py``) within the server's size and time limits, and not with beams.
 """
 
 from __future__ import annotations
@@ -27,11 +29,29 @@ from transformers import GenerationConfig
 
 from .errors import (
     AdapterNotFoundError,
+    ChatTemplateMissingError,
     ContextLengthExceededError,
     FieldViolation,
     InvalidRequestError,
 )
-from .types import AdapterInfo, EffectiveParams, EngineLimits, GenerationRequest
+from .structured import CompiledConstraint
+from .types import (
+    AdapterInfo,
+    ChatInput,
+    Constraint,
+    EffectiveParams,
+    EngineLimits,
+    GenerationRequest,
+)
+
+
+def _no_chat(chat: ChatInput) -> list[int]:
+    raise ChatTemplateMissingError("chat")
+
+
+def _no_constraints(constraint: Constraint) -> CompiledConstraint:
+    raise InvalidRequestError.single(constraint.field, "constraints are not available here")
+
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 MAX_SEED = 2**63 - 1
@@ -63,6 +83,12 @@ class ValidationContext:
     encode: Callable[[str, bool], list[int]]  # (text, add_special_tokens) -> ids
     find_adapter: Callable[[str], AdapterInfo | None]
     adapter_names: Callable[[], list[str]]
+    # Chat messages -> prompt ids with the model's own template (raises for a model without).
+    render_chat: Callable[[ChatInput], list[int]] = _no_chat
+    # The chat template's end-of-turn tokens: extra stop tokens for chat requests.
+    end_of_turn_ids: tuple[int, ...] = ()
+    # Constraint -> compiled grammar, within the size and time limits (blocks its thread).
+    compile_constraint: Callable[[Constraint], CompiledConstraint] = _no_constraints
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,10 @@ class PreparedRequest:
     effective: EffectiveParams
     # Model defaults + request overrides: builds the row's logits processors.
     generation_config: GenerationConfig
+    # The compiled constraint; None: unconstrained. Each row takes its own matcher from it.
+    constraint: CompiledConstraint | None = None
+    # Tokens that end a row besides the model's EOS (a chat template's end of turn).
+    extra_stop_ids: tuple[int, ...] = ()
 
     @property
     def beams(self) -> bool:
@@ -111,6 +141,10 @@ def check_bounds(request: GenerationRequest, limits: EngineLimits) -> None:
         )
     if request.text is not None:
         check_text_bytes(request.text, "text", limits.max_prompt_bytes)
+    if request.chat is not None:
+        # The rendered prompt holds every message's role and content, at least.
+        spoken = "".join(m.role + m.content for m in request.chat.messages)
+        check_text_bytes(spoken, "chat.messages", limits.max_prompt_bytes)
     if request.token_ids is not None and len(request.token_ids) > limits.max_prompt_tokens:
         raise InvalidRequestError.single(
             "token_ids",
@@ -271,9 +305,13 @@ def check_parameters(
 
 
 def _prompt_ids(request: GenerationRequest, ctx: ValidationContext) -> list[int]:
-    has_text, has_ids = request.text is not None, request.token_ids is not None
-    if has_text == has_ids:
-        raise InvalidRequestError([FieldViolation("text", "set exactly one of text and token_ids")])
+    inputs = sum(x is not None for x in (request.text, request.token_ids, request.chat))
+    if inputs != 1:
+        raise InvalidRequestError(
+            [FieldViolation("text", "set exactly one of text, token_ids and chat")]
+        )
+    if request.chat is not None:
+        return ctx.render_chat(request.chat)
     if request.text is not None:
         if not request.text:
             raise InvalidRequestError.single("text", "must not be empty")
@@ -317,8 +355,14 @@ def prepare(request: GenerationRequest, ctx: ValidationContext) -> PreparedReque
     if violations:
         raise InvalidRequestError(violations)
 
+    if request.constraint is not None and (p.num_beams or 1) > 1:
+        raise InvalidRequestError.single(
+            "constraint", "not available with beam search (num_beams > 1)"
+        )
     prompt = _prompt_ids(request, ctx)
-    prompt_field = "text" if request.text is not None else "token_ids"
+    prompt_field = (
+        "text" if request.text is not None else "chat" if request.chat is not None else "token_ids"
+    )
     limits = ctx.limits
     if len(prompt) > limits.max_prompt_tokens:
         raise InvalidRequestError.single(
@@ -397,6 +441,8 @@ def prepare(request: GenerationRequest, ctx: ValidationContext) -> PreparedReque
         ]
     # Same precedence as GenerationMixin._prepare_generation_config: set > model > global.
     config.update(**defaults._get_default_generation_params(), defaults_only=True)
+    # Last: the most expensive check, and only for a request that is otherwise valid.
+    compiled = ctx.compile_constraint(request.constraint) if request.constraint else None
     seed = p.seed if p.seed is not None else secrets.randbits(63)
     effective = EffectiveParams(
         max_new_tokens=max_new,
@@ -424,4 +470,6 @@ def prepare(request: GenerationRequest, ctx: ValidationContext) -> PreparedReque
         adapter=adapter,
         effective=effective,
         generation_config=config,
+        constraint=compiled,
+        extra_stop_ids=ctx.end_of_turn_ids if request.chat is not None else (),
     )

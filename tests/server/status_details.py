@@ -16,6 +16,8 @@ class Details:
     reason: str = ""
     field_violations: dict[str, str] = field(default_factory=dict)
     retry_delay_s: float | None = None
+    # PreconditionFailure violations: subject -> description.
+    preconditions: dict[str, str] = field(default_factory=dict)
 
 
 def details_of(error: grpc.RpcError) -> Details:
@@ -36,4 +38,8 @@ def details_of(error: grpc.RpcError) -> Details:
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             result.retry_delay_s = retry.retry_delay.ToMilliseconds() / 1000
+        elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            failure = error_details_pb2.PreconditionFailure()
+            detail.Unpack(failure)
+            result.preconditions.update({v.subject: v.description for v in failure.violations})
     return result

@@ -1,0 +1,253 @@
+"""Structured output: constraints compiled off the decode loop, one matcher per constrained row.
+
+Two nouns, each with a small verb set, so they plug into whichever sampler runs the batch:
+
+* ``ConstraintCompiler`` turns a request's ``Constraint`` into a ``CompiledConstraint`` in a
+  thread pool, never on the decode loop: ``submit`` (a shared future, cached by the grammar
+  text), ``compile`` (blocking, within the time limit) and ``compile_async``. The text is
+  bounded by ``max_text_length`` (longer: ``InvalidRequestError``); a compile that misses the
+  time limit raises ``ConstraintTimeoutError`` for that request only (it keeps running in its
+  thread and lands in the cache, so a retry may find it ready). An invalid schema, regex or
+  grammar is an ``InvalidRequestError`` naming the field (``constraint.regex``) with the
+  compiler's message, which carries its position.
+* ``RowConstraint`` is one row's matcher: ``allowed()`` (a boolean vocabulary mask in which
+  the row's stop tokens are allowed only where the constraint is complete), ``apply_mask``
+  (masks one row of logits in place), ``accept(token)``, ``is_complete`` and ``is_dead_end``.
+  ``stack_masks`` builds the masks of several rows at once for a vectorised sampler.
+
+The library is llguidance (see ``docs/engine.md``, "Structured output", for the measurements
+behind that choice): it builds a matcher in well under a millisecond and computes masks
+lazily, so a large vocabulary costs no up-front compile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import numpy as np
+import torch
+
+from .errors import ConstraintTimeoutError, InvalidRequestError
+from .types import Constraint, ConstraintKind
+
+# Any JSON object: what ``json_object`` means (OpenAI's response_format json_object).
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+# Compact JSON (separators "," and ":", no free whitespace): a small model cannot loop on
+# blanks, and the output is the same bytes whatever the model's fondness for spaces.
+JSON_OPTIONS: Any = {"whitespace_flexible": False}
+
+
+@dataclass(frozen=True)
+class CompiledConstraint:
+    """A validated grammar and a matcher in its start state; rows take copies of it."""
+
+    constraint: Constraint
+    grammar: str  # llguidance's grammar JSON
+    prototype: Any  # llguidance.LLMatcher, never advanced
+    vocab_size: int
+
+    def matcher(self) -> Any:
+        return self.prototype.deep_copy()
+
+
+def grammar_for(constraint: Constraint) -> str:
+    """The llguidance grammar of ``constraint``; raises ``InvalidRequestError`` for bad JSON."""
+    kind, field = constraint.kind, constraint.field
+    from_schema = llguidance.LLMatcher.grammar_from_json_schema
+    if kind is ConstraintKind.JSON_SCHEMA:
+        try:
+            schema = json.loads(constraint.text)
+        except json.JSONDecodeError as error:
+            raise InvalidRequestError.single(
+                field,
+                f"not valid JSON at line {error.lineno} column {error.colno}: {error.msg}",
+            ) from None
+        if not isinstance(schema, dict | bool):
+            raise InvalidRequestError.single(field, "must be a JSON object (a JSON Schema)")
+        return str(from_schema(constraint.text, overrides=JSON_OPTIONS))
+    if kind is ConstraintKind.JSON_OBJECT:
+        return str(from_schema(JSON_OBJECT_SCHEMA, overrides=JSON_OPTIONS))
+    if kind is ConstraintKind.REGEX:
+        return str(llguidance.LLMatcher.grammar_from_regex(constraint.text))
+    if kind is ConstraintKind.GRAMMAR:
+        return str(llguidance.LLMatcher.grammar_from_lark(constraint.text))
+    # CHOICE: Lark string literals take JSON escapes, so any text is spelled exactly.
+    alternatives = " | ".join(json.dumps(choice) for choice in constraint.choices)
+    return str(llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}"))
+
+
+def check_constraint(constraint: Constraint, max_text_length: int, max_choices: int) -> None:
+    """Shape and size checks that need no compiler; each failure names the field."""
+    field = constraint.field
+    if constraint.kind is ConstraintKind.CHOICE:
+        if not constraint.choices:
+            raise InvalidRequestError.single(field, "needs at least one choice")
+        if len(constraint.choices) > max_choices:
+            raise InvalidRequestError.single(field, f"at most {max_choices} choices")
+        for i, choice in enumerate(constraint.choices):
+            if not choice:
+                raise InvalidRequestError.single(f"{field}.choices[{i}]", "must not be empty")
+        size = sum(len(c) for c in constraint.choices)
+    elif constraint.kind is ConstraintKind.JSON_OBJECT:
+        size = 0
+    else:
+        if not constraint.text:
+            raise InvalidRequestError.single(field, "must not be empty")
+        size = len(constraint.text)
+    if size > max_text_length:
+        raise InvalidRequestError.single(
+            field,
+            f"{size} characters exceed the server's constraint size limit of {max_text_length}",
+        )
+
+
+class ConstraintCompiler:
+    """Compiles constraints in a thread pool, bounded in size and time, cached by grammar text."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        *,
+        max_text_length: int,
+        timeout_s: float,
+        cache_size: int,
+        threads: int,
+        max_choices: int,
+    ) -> None:
+        self._hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_text_length = max_text_length
+        self.timeout_s = timeout_s
+        self.max_choices = max_choices
+        self._cache_size = cache_size
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, threads), thread_name_prefix="peftserve-grammar"
+        )
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], concurrent.futures.Future[CompiledConstraint]]
+        self._cache = OrderedDict()
+        self._ll_tokenizer: Any = None
+
+    def _tokenizer(self) -> Any:
+        # Built on first use, in a pool thread: about a second for a 128k vocabulary.
+        with self._lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=self.vocab_size
+                )
+            return self._ll_tokenizer
+
+    def _build(self, constraint: Constraint, grammar: str) -> CompiledConstraint:
+        matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidRequestError.single(constraint.field, _compiler_message(matcher))
+        return CompiledConstraint(constraint, grammar, matcher, self.vocab_size)
+
+    def submit(self, constraint: Constraint) -> concurrent.futures.Future[CompiledConstraint]:
+        """The compile of ``constraint``: cached, started in the pool if new. Raises
+        ``InvalidRequestError`` at once for shape/size errors and unparsable JSON."""
+        check_constraint(constraint, self.max_text_length, self.max_choices)
+        grammar = grammar_for(constraint)
+        key = (constraint.kind.value, grammar)
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None:
+                self._cache.move_to_end(key)
+                return future
+            future = self._pool.submit(self._build, constraint, grammar)
+            self._cache[key] = future
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return future
+
+    def compile(self, constraint: Constraint) -> CompiledConstraint:
+        """Blocking compile within the time limit (call it off the event loop)."""
+        future = self.submit(constraint)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise ConstraintTimeoutError(constraint.field, self.timeout_s) from None
+
+    async def compile_async(self, constraint: Constraint) -> CompiledConstraint:
+        """Like ``compile``, awaiting the pool instead of blocking the calling thread."""
+        future = self.submit(constraint)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except TimeoutError:
+            raise ConstraintTimeoutError(constraint.field, self.timeout_s) from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _compiler_message(matcher: Any) -> str:
+    message = str(matcher.get_error()).strip()
+    return f"does not compile: {message}" if message else "does not compile"
+
+
+class RowConstraint:
+    """One row's matcher: masks its logits, advances on its tokens, knows when it is done."""
+
+    def __init__(self, compiled: CompiledConstraint, stop_ids: Iterable[int]) -> None:
+        self.compiled = compiled
+        self._matcher = compiled.matcher()
+        self._stop_set = frozenset(int(t) for t in stop_ids)
+        self._stop_ids = torch.tensor(sorted(self._stop_set), dtype=torch.long)
+        self._failed = False
+
+    @property
+    def is_complete(self) -> bool:
+        """The tokens so far satisfy the constraint (a stop token may end the row here)."""
+        return not self._failed and bool(self._matcher.is_accepting())
+
+    @property
+    def is_stopped(self) -> bool:
+        """Complete and nothing may follow: only a stop token is allowed next."""
+        return not self._failed and bool(self._matcher.is_stopped())
+
+    def allowed(self) -> torch.Tensor:
+        """Boolean mask over the vocabulary of the tokens this row may produce next."""
+        vocab = self.compiled.vocab_size
+        if self._failed or self._matcher.is_error():
+            return torch.zeros(vocab, dtype=torch.bool)
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        unpacked = np.unpackbits(bits, bitorder="little")[:vocab].astype(bool)
+        mask = torch.from_numpy(unpacked)
+        if len(self._stop_ids):
+            mask[self._stop_ids] = self.is_complete
+        return mask
+
+    def apply_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set the logits of disallowed tokens of this row (1-D) to -inf, in place."""
+        allowed = self.allowed()
+        width = min(len(allowed), logits.shape[-1])
+        logits[..., :width].masked_fill_(~allowed[:width], float("-inf"))
+        if logits.shape[-1] > width:
+            logits[..., width:] = float("-inf")
+        return logits
+
+    def is_dead_end(self, logits: torch.Tensor) -> bool:
+        """No token is left to choose in these (masked and processed) logits."""
+        return not bool(torch.isfinite(logits).any())
+
+    def accept(self, token: int) -> None:
+        """Advance past the row's chosen token (a stop token ends the row and is not fed)."""
+        if self._failed or int(token) in self._stop_set:
+            return
+        if not self._matcher.consume_token(int(token)):
+            self._failed = True
+
+
+def stack_masks(constraints: Sequence[RowConstraint]) -> torch.Tensor:
+    """The ``allowed()`` masks of several rows as one (rows, vocab) tensor (vectorised use)."""
+    return torch.stack([c.allowed() for c in constraints])
