@@ -59,12 +59,18 @@ class InProcessGenerator:
             output = model.generate(
                 **inputs,
                 max_new_tokens=spec.output_tokens,
-                min_new_tokens=spec.output_tokens,
+                min_new_tokens=spec.output_tokens if spec.exact_length else None,
+                num_beams=spec.num_beams,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         prompt_tokens = int(inputs["input_ids"].shape[1])
         generated = output[0, prompt_tokens:].tolist()
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in generated:
+            # A natural-length request ends at EOS: the server counts the EOS token as
+            # generated and returns nothing after it (there is nothing after it for one row).
+            generated = generated[: generated.index(eos) + 1]
         # Detokenize too: the server returns text, so the baseline must pay for it as well.
         self.tokenizer.decode(generated, skip_special_tokens=True)
         sample.end_s = time.perf_counter()

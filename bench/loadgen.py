@@ -101,10 +101,13 @@ class PeftServeTarget:
         options: dict[str, Any] = {
             "adapter": spec.adapter,
             "max_new_tokens": spec.output_tokens,
-            "min_new_tokens": spec.output_tokens,
             "do_sample": False,
             "request_id": spec.request_id,
         }
+        if spec.exact_length:
+            options["min_new_tokens"] = spec.output_tokens
+        if spec.num_beams > 1:
+            options["num_beams"] = spec.num_beams
         sample = RequestSample(spec.request_id, spec.adapter, stream, time.perf_counter())
         try:
             if stream:
@@ -164,15 +167,15 @@ class TransformersServeTarget:
         )
 
     def _body(self, spec: RequestSpec, stream: bool) -> dict[str, Any]:
-        config = {
+        config: dict[str, Any] = {
             **self._special,
             "max_new_tokens": spec.output_tokens,
-            "min_new_tokens": spec.output_tokens,
             "do_sample": False,
+        }
+        if spec.exact_length:
             # Continuous batching ignores min_new_tokens and stops at EOS; its per-request
             # eos_token_id of -1 means "no EOS", so the request runs to exactly max_new_tokens.
-            "eos_token_id": -1,
-        }
+            config.update(min_new_tokens=spec.output_tokens, eos_token_id=-1)
         return {
             "model": self._model,
             "prompt": spec.prompt,
@@ -251,6 +254,10 @@ class LoadResult:
     samples: list[RequestSample]
     started_s: float
     ended_s: float
+    # Requests sent alongside the measured ones (e.g. beam searches next to streams).
+    background: list[RequestSample] = field(default_factory=list)
+    # The server's step histograms over the run (bench.server_metrics.step_delta), if scraped.
+    steps: dict[str, Any] | None = None
 
     @property
     def wall_s(self) -> float:

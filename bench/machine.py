@@ -1,4 +1,9 @@
-"""What the benchmark ran on: CPU model, core count, memory and package versions."""
+"""What the benchmark ran on: CPU model, core count, memory, package versions, machine load.
+
+The reference machine is shared: the load average at the start and end of a run, and per cell
+the CPU used by processes other than the server and the load generator (``bench.cells``), say
+how much the figures were disturbed.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VERSIONED_PACKAGES", "environment"]
+__all__ = ["VERSIONED_PACKAGES", "environment", "load_average"]
 
 VERSIONED_PACKAGES: tuple[str, ...] = (
     "torch",
@@ -70,6 +75,36 @@ def _gpu() -> str | None:
     return out.stdout.strip() or None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (runnable processes; 2 = two busy cores here)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _other_processes(top: int = 5) -> list[dict[str, Any]]:
+    """The busiest other processes right now (``ps``), to name what shared the machine."""
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pcpu,etimes,comm", "--sort=-pcpu", "--no-headers"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    rows = []
+    for line in out.splitlines()[:top]:
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            rows.append(
+                {"cpu_percent": float(parts[0]), "seconds": int(parts[1]), "comm": parts[2]}
+            )
+    return rows
+
+
 def environment() -> dict[str, Any]:
     """A JSON-ready description of this machine and the relevant package versions."""
     versions = {"python": platform.python_version()}
@@ -81,5 +116,7 @@ def environment() -> dict[str, Any]:
         "memory_gib": _memory_gib(),
         "platform": platform.platform(),
         "gpu": _gpu(),
+        "load_average": load_average(),
+        "busiest_processes": _other_processes(),
         "versions": versions,
     }

@@ -4,6 +4,12 @@ py-spy samples every thread of the running server process from outside (no code 
 restart), so the engine's worker thread and the gRPC event loop are both visible. The summary
 attributes each sample to the innermost frame's library (self time) and lists the functions
 with the most inclusive time.
+
+``worker_breakdown`` answers the engine's own question: of the worker thread's samples, how
+many are inside the model's forward (any ``torch.nn.Module`` call on the stack) and how many
+are the engine's Python work around it (scheduling, sampling, detokenizing, and for requests
+that still go through ``generate``, its loop)? py-spy runs with ``--threads`` so each stack
+names its thread.
 """
 
 from __future__ import annotations
@@ -19,9 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CATEGORIES", "PySpyRecorder", "categorize", "summarize_collapsed"]
+__all__ = [
+    "CATEGORIES",
+    "PySpyRecorder",
+    "categorize",
+    "summarize_collapsed",
+    "worker_breakdown",
+]
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+# py-spy --threads puts the thread first: "thread (TID): NAME", or "thread (TID)" when unnamed.
+THREAD_FRAME = re.compile(r"^thread \((?P<tid>[^)]*)\)(?::\s*(?P<name>.*))?$")
+WORKER_THREAD_NAME = "peftserve-engine"
+# A frame of this file means the sample is inside a module's forward (the model, its layers,
+# the adapters' layers): the work the engine exists to feed, not the engine's own.
+FORWARD_FILE = "torch/nn/modules/module.py"
 # First match wins: the path fragment of a frame's file -> the part of the stack it belongs to.
 CATEGORIES: tuple[tuple[str, str], ...] = (
     ("server/engine/", "peftserve engine (batcher, rows, detokenizer)"),
@@ -66,6 +84,24 @@ def _short_path(file: str) -> str:
     return file
 
 
+def _read_stacks(path: Path) -> list[tuple[str, list[tuple[str, str]], int]]:
+    """(thread, frames outermost first, samples) per line of py-spy's raw output."""
+    stacks = []
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        parts = [f for f in stack.split(";") if f]
+        thread = ""
+        if parts and (match := THREAD_FRAME.match(parts[0].strip())):
+            thread = match.group("name") or match.group("tid")
+            parts = parts[1:]
+        frames = [_parse_frame(f) for f in parts]
+        if frames:
+            stacks.append((thread, frames, int(count_text)))
+    return stacks
+
+
 def summarize_collapsed(path: Path, top: int = 15) -> dict[str, Any]:
     """Fold py-spy's ``--format raw`` stacks: self time by category, top inclusive functions."""
     total = 0
@@ -73,14 +109,7 @@ def summarize_collapsed(path: Path, top: int = 15) -> dict[str, Any]:
     self_time: Counter[str] = Counter()
     self_files: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [_parse_frame(f) for f in stack.split(";") if f]
-        if not frames:
-            continue
+    for _thread, frames, count in _read_stacks(path):
         total += count
         leaf_func, leaf_file = frames[-1]
         by_category[categorize(leaf_file)] += count
@@ -102,6 +131,65 @@ def summarize_collapsed(path: Path, top: int = 15) -> dict[str, Any]:
         "top_self": share(self_time, top) if total else [],
         "top_self_files": share(self_files, top) if total else [],
         "top_inclusive": share(inclusive, top) if total else [],
+        "worker": worker_breakdown(path, top),
+    }
+
+
+def worker_breakdown(path: Path, top: int = 12) -> dict[str, Any] | None:
+    """The worker thread's samples: inside the model forward vs the engine's Python around it.
+
+    The worker is the thread named ``peftserve-engine``; without thread names, the thread with
+    the most forward samples. Outside the forward, samples are attributed to the innermost
+    frame's file (a torch op called by the sampler shows as the sampler's line: py-spy sees
+    Python frames only). None when no worker samples were taken.
+    """
+    stacks = _read_stacks(path)
+    forward_by_thread: Counter[str] = Counter()
+    for thread, frames, count in stacks:
+        if any(FORWARD_FILE in file for _, file in frames):
+            forward_by_thread[thread] += count
+    names = {thread for thread, _, _ in stacks}
+    if WORKER_THREAD_NAME in names:
+        worker = WORKER_THREAD_NAME
+    elif forward_by_thread:
+        worker = forward_by_thread.most_common(1)[0][0]
+    else:
+        return None
+    total = forward = 0
+    outside_files: Counter[str] = Counter()
+    outside_categories: Counter[str] = Counter()
+    outside_functions: Counter[str] = Counter()
+    for thread, frames, count in stacks:
+        if thread != worker:
+            continue
+        total += count
+        if any(FORWARD_FILE in file for _, file in frames):
+            forward += count
+            continue
+        func, file = frames[-1]
+        outside_files[_short_path(file)] += count
+        outside_categories[categorize(file)] += count
+        outside_functions[f"{func} ({Path(file).name})"] += count
+    if total == 0:
+        return None
+
+    def share(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"name": name, "samples": c, "percent": round(100.0 * c / total, 1)}
+            for name, c in counter.most_common(top)
+        ]
+
+    outside = total - forward
+    return {
+        "thread": worker,
+        "samples": total,
+        "forward_samples": forward,
+        "forward_percent": round(100.0 * forward / total, 1),
+        "engine_python_samples": outside,
+        "engine_python_percent": round(100.0 * outside / total, 1),
+        "engine_python_by_category": share(outside_categories),
+        "engine_python_by_file": share(outside_files),
+        "engine_python_by_function": share(outside_functions),
     }
 
 
@@ -139,6 +227,8 @@ class PySpyRecorder:
                 "raw",
                 # Sampling without pausing the server keeps the profiled run's timing honest.
                 "--nonblocking",
+                # Thread names in each stack: the worker's share is computed from them.
+                "--threads",
                 "--output",
                 str(self.out_path),
             ],

@@ -52,9 +52,128 @@ def _cell_row(cell: dict[str, Any]) -> str:
         _fmt(_stat(m, "queue_wait_ms", "p50")),
         _fmt(m["mean_batch_size"]),
         _fmt(m["goodput_rps"], 2),
-        f"{_fmt(m.get('server_cores_busy'), 2)} / {_fmt(m.get('client_cores_busy'), 2)}",
+        _fmt((cell.get("server_steps") or {}).get("mean_step_ms"), 2),
+        _fmt(_stat(m, "queue_wait_steps", "p50"), 1),
+        f"{_fmt(m.get('server_cores_busy'), 2)} / {_fmt(m.get('client_cores_busy'), 2)} "
+        f"/ {_fmt(m.get('other_cores_busy'), 2)}",
     ]
     return "| " + " | ".join(columns) + " |"
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    if row["value"] is None:
+        return "not measured"
+    if row.get("informational"):
+        return "info: " + ("yes" if row["met"] else "no")
+    return "met" if row["met"] else "**missed**"
+
+
+def _target_rows(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| target | measured | bound | met | from |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        value = "–" if row["value"] is None else f"{row['value']:.2f}{row['unit']}"
+        lines.append(
+            f"| {row['name']}: {row['description']} | {value} "
+            f"| {row['op']} {row['target']:g}{row['unit']} | {_verdict(row)} "
+            f"| {row['detail'] or '–'} |"
+        )
+    return lines
+
+
+def _scenario_sections(results: dict[str, Any]) -> list[str]:
+    """Natural lengths, Poisson arrivals, streams next to beams, cancelled-row reuse."""
+    cells = results["cells"]
+    records = results.get("scenarios") or {}
+    lines: list[str] = []
+    natural = records.get("natural")
+    if natural:
+        lines += [
+            "",
+            "## Natural lengths",
+            "",
+            f"{natural['requests']} requests that end at EOS (max_new_tokens "
+            f"{natural['max_new_tokens']}), adapter mix incl. LoHa, {natural['clients']} "
+            "clients on the batched server vs the same requests one by one in-process; "
+            f"{natural['same_token_counts']} of {natural['compared']} requests generated the "
+            "same number of tokens in both (greedy).",
+            "",
+        ]
+        for cell in (c for c in cells if c.get("scenario") == "natural"):
+            m = cell["metrics"]
+            lines.append(
+                f"- `{cell['id']}`: {_fmt(m['output_tokens_per_s'])} tok/s, "
+                f"{m['output_tokens']} tokens, e2e p50 {_fmt(_stat(m, 'e2e_ms', 'p50'))} ms"
+            )
+    rated = [c for c in cells if c.get("scenario") == "poisson"]
+    if rated:
+        objective = results["meta"]["objective"]
+        lines += [
+            "",
+            "## Poisson arrivals (open loop, streaming)",
+            "",
+            f"Goodput: requests/s with TTFT <= {objective['ttft_ms']:.0f} ms and end-to-end "
+            f"<= {objective['e2e_ms']:.0f} ms.",
+            "",
+            "| rate req/s | ok | req/s done | out tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+            "| queue p50 ms | goodput req/s | goodput share |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for cell in rated:
+            m = cell["metrics"]
+            lines.append(
+                f"| {cell['rate_rps']:g} | {m['ok']}/{m['requests']} "
+                f"| {_fmt(m['request_throughput_rps'], 2)} | {_fmt(m['output_tokens_per_s'])} "
+                f"| {_fmt(_stat(m, 'ttft_ms', 'p50'))} / {_fmt(_stat(m, 'ttft_ms', 'p99'))} "
+                f"| {_fmt(_stat(m, 'itl_ms', 'p50'), 2)} / {_fmt(_stat(m, 'itl_ms', 'p99'), 2)} "
+                f"| {_fmt(_stat(m, 'queue_wait_ms', 'p50'))} | {_fmt(m['goodput_rps'], 2)} "
+                f"| {_fmt(m['goodput_fraction'], 2)} |"
+            )
+    beams = [c for c in cells if c.get("scenario") == "beams"]
+    if beams:
+        lines += [
+            "",
+            "## Streams next to beam searches",
+            "",
+            "| cell | ITL p50 / p90 / p99 ms | TTFT p50 / p99 ms | out tok/s (streams) "
+            "| beam requests done |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for cell in beams:
+            m = cell["metrics"]
+            background = cell.get("background") or {}
+            lines.append(
+                f"| `{cell['id']}` | "
+                + " / ".join(_fmt(_stat(m, "itl_ms", q), 2) for q in ("p50", "p90", "p99"))
+                + f" | {_fmt(_stat(m, 'ttft_ms', 'p50'))} / {_fmt(_stat(m, 'ttft_ms', 'p99'))}"
+                f" | {_fmt(m['output_tokens_per_s'])} | {background.get('ok', '–')} |"
+            )
+    reuse = records.get("cancel-reuse")
+    if reuse:
+        config = reuse["config"]
+        lines += [
+            "",
+            "## A cancelled row's place",
+            "",
+            f"A server with room for {config['capacity']} rows, {config['capacity']} streams "
+            f"of {config['neighbour_tokens']} tokens running, one more queued; one stream is "
+            "cancelled. Steps: tokens a running neighbour received between the cancel and the "
+            "queued request's first token.",
+            "",
+            "| trial | steps | ms | neighbour ITL ms |",
+            "| --- | --- | --- | --- |",
+        ]
+        for trial in reuse["trials"]:
+            if not trial["valid"]:
+                lines.append(f"| {trial['trial']} | invalid: {trial['reason']} | | |")
+                continue
+            lines.append(
+                f"| {trial['trial']} | {trial['steps']} | {_fmt(trial['ms'])} "
+                f"| {_fmt(trial['neighbour_itl_ms'], 2)} |"
+            )
+    return lines
 
 
 def markdown_report(results: dict[str, Any]) -> str:
@@ -74,19 +193,20 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"{meta['environment'].get('memory_gib', '?')} GiB; "
         + ", ".join(f"{k} {v}" for k, v in meta["environment"].get("versions", {}).items()),
         "",
-        "## Ratios against the targets",
+        f"Machine load (1/5/15-minute load average): {meta.get('load_average_start')} at the "
+        f"start, {meta.get('load_average_end')} at the end; per cell, the cores used by "
+        "other processes are in the last column of the cells table.",
         "",
-        "| ratio | measured | target | met | numerator / denominator (output tokens/s) |",
-        "| --- | --- | --- | --- | --- |",
+        "## Targets",
+        "",
     ]
-    for ratio in results["ratios"]:
-        value = ratio["value"]
-        met = "–" if value is None else ("yes" if ratio["met"] else "**no**")
-        lines.append(
-            f"| {ratio['name']}: {ratio['description']} | {_fmt(value, 2)} "
-            f"| {ratio['op']} {ratio['target']} | {met} "
-            f"| {_fmt(ratio.get('numerator'))} / {_fmt(ratio.get('denominator'))} |"
-        )
+    targets = results.get("targets", [])
+    lines += _target_rows([t for t in targets if not t.get("informational")])
+    informational = [t for t in targets if t.get("informational")]
+    if informational:
+        lines += ["", "Informational (earlier issues' ratios):", ""]
+        lines += _target_rows(informational)
+    lines += _scenario_sections(results)
     lines += [
         "",
         "## Cells",
@@ -95,12 +215,15 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"requests with end-to-end <= {meta['objective']['e2e_ms']:.0f} ms and (streams) "
         f"TTFT <= {meta['objective']['ttft_ms']:.0f} ms. Cores busy: CPU seconds used during "
         "the cell / its wall time, for the server process and the load generator (which also "
-        "runs the in-process baseline).",
+        "runs the in-process baseline), and by every other process on the machine. Step ms: "
+        "the server's mean model step over the cell (its step histogram); queue p50 in steps: "
+        "the queue wait p50 over that step time.",
         "",
         "| cell | system | load | rpc | adapters | clients | ok | req/s | out tok/s "
         "| TTFT p50 / p99 | TPOT p50 | ITL p50 / p99 | e2e p50 / p90 / p99 | queue p50 "
-        "| mean batch | goodput req/s | cores busy server / client |",
-        "| " + " | ".join(["---"] * 17) + " |",
+        "| mean batch | goodput req/s | step ms | queue p50 steps "
+        "| cores busy server / client / other |",
+        "| " + " | ".join(["---"] * 19) + " |",
     ]
     lines += [_cell_row(cell) for cell in results["cells"]]
     histograms = [c for c in results["cells"] if c["metrics"]["batch_size_histogram"]]
@@ -132,6 +255,25 @@ def markdown_report(results: dict[str, Any]) -> str:
                 f"- {entry['percent']}% `{entry['name']}`"
                 for entry in summary.get("top_self_files", [])
             ]
+            worker = summary.get("worker")
+            if worker:
+                lines += [
+                    "",
+                    f"Worker thread `{worker['thread']}`: {worker['samples']} samples, "
+                    f"{worker['forward_percent']}% inside the model forward (a `torch.nn` "
+                    f"module call on the stack), **{worker['engine_python_percent']}% the "
+                    "engine's own Python around it**; that part by file and function:",
+                    "",
+                ]
+                lines += [
+                    f"- {entry['percent']}% `{entry['name']}`"
+                    for entry in worker["engine_python_by_file"]
+                ]
+                lines.append("")
+                lines += [
+                    f"- {entry['percent']}% `{entry['name']}`"
+                    for entry in worker["engine_python_by_function"]
+                ]
             lines += ["", "Top inclusive functions:", ""]
             lines += [
                 f"- {entry['percent']}% `{entry['name']}`" for entry in summary["top_inclusive"]

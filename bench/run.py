@@ -6,10 +6,15 @@ Baselines, all on the same seeded workload (prompts, adapters, exact output leng
 * (b) peftserve with ``--max-batch-size 1``;
 * (c) peftserve batched (``--max-batch-size`` = the largest concurrency), unary and streaming;
 * (d) ``transformers serve --continuous-batching`` on the base model, over HTTP;
-* (e) peftserve batched with a mix of adapters vs a single adapter at the same concurrency.
+* (e) peftserve batched with a mix of adapters vs a single adapter at the same concurrency;
+
+then the scenarios of ``bench/scenarios.py`` (natural lengths, Poisson arrivals, streams next to
+beam searches, a cancelled row's place reused; a registry others extend), and the targets of
+``bench/targets.py``, each met or not, into ``results.json`` and ``results.md``.
 
 Every server is a subprocess on 127.0.0.1, started and stopped here; only one system runs at a
-time, so none steals CPU from another. ``--quick`` is the smoke run ``make test`` uses.
+time, so none steals CPU from another. peftserve runs with ``--metrics-address``, so each cell
+also records the server's own step counts. ``--quick`` is the smoke run ``make test`` uses.
 """
 
 from __future__ import annotations
@@ -18,17 +23,27 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .cells import Cell, CpuMeter, cell_record, measure_cell, warmup_specs, workload_for
-from .loadgen import LOAD_MODES, LoadConfig, PeftServeTarget, TransformersServeTarget
-from .machine import environment
+from .cells import (
+    Background,
+    Cell,
+    CpuMeter,
+    cell_record,
+    measure_cell,
+    warmup_specs,
+    workload_for,
+)
+from .loadgen import LOAD_MODES, LoadConfig, PeftServeTarget, Target, TransformersServeTarget
+from .machine import environment, load_average
 from .metrics import LatencyObjective
 from .profiling import PySpyRecorder, summarize_collapsed
 from .report import write_report
+from .scenarios import SCENARIOS, ScenarioContext
 from .servers import (
     ServerProcess,
     child_env,
@@ -36,21 +51,13 @@ from .servers import (
     peftserve_command,
     transformers_serve_command,
 )
-from .workload import ADAPTER_MIXES, WorkloadConfig
+from .targets import evaluate
+from .workload import ADAPTER_MIXES, RequestSpec, WorkloadConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "models" / "demo" / "base"
 DEMO_ADAPTERS = REPO_ROOT / "models" / "demo" / "adapters"
 BASELINES: tuple[str, ...] = ("a", "b", "c", "d", "e")
-
-# The targets of issue 6, as (ratio name, description, minimum).
-TARGETS: dict[str, tuple[str, float]] = {
-    "c/b": ("batched vs max_batch_size=1 at the top concurrency", 8.0),
-    "b/a": ("max_batch_size=1 server vs in-process generate at concurrency 1", 0.85),
-    "stream/unary": ("batched streaming vs batched unary at the top concurrency", 0.9),
-    "c/d": ("batched peftserve vs transformers serve (CB), base model, top concurrency", 2.0),
-    "e": ("mixed adapters vs a single adapter, batched, top concurrency", 0.8),
-}
 
 
 def _int_list(text: str) -> list[int]:
@@ -69,6 +76,21 @@ def _token_range(text: str) -> tuple[int, int]:
     if bounds[0] < 1 or bounds[1] < bounds[0]:
         raise argparse.ArgumentTypeError("expected 1 <= LOW <= HIGH")
     return bounds
+
+
+def _float_list(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of positive numbers")
+    return values
+
+
+def _scenario_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(values) - set(SCENARIOS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scenarios {unknown}; choose from {SCENARIOS}")
+    return values
 
 
 def _baseline_list(text: str) -> list[str]:
@@ -103,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-path", type=Path, default=DEMO_MODEL)
     parser.add_argument("--adapters-dir", type=Path, default=DEMO_ADAPTERS)
     parser.add_argument("--seed", type=int, default=0)
+    scenarios = parser.add_argument_group("scenarios (bench/scenarios.py)")
+    scenarios.add_argument(
+        "--scenarios",
+        type=_scenario_list,
+        default=None,
+        help=f"comma-separated, default all: {', '.join(SCENARIOS)}",
+    )
+    scenarios.add_argument("--natural-concurrency", type=int, default=16)
+    scenarios.add_argument("--natural-max-tokens", type=int, default=64, help="the cap")
+    scenarios.add_argument(
+        "--rates", type=_float_list, default=[8.0, 16.0, 32.0, 48.0], help="Poisson req/s"
+    )
+    scenarios.add_argument("--rate-duration-s", type=float, default=15.0, help="per rate")
+    scenarios.add_argument("--beam-stream-clients", type=int, default=16)
+    scenarios.add_argument("--beam-clients", type=int, default=2)
+    scenarios.add_argument("--num-beams", type=int, default=4)
+    scenarios.add_argument("--cancel-trials", type=int, default=5)
     parser.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,
@@ -136,6 +175,7 @@ class Settings:
     profile: bool
     objective: LatencyObjective
     workload: WorkloadConfig
+    scenarios: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
     mixable: list[str] = field(default_factory=list)
 
@@ -153,7 +193,9 @@ def resolve(args: argparse.Namespace) -> Settings:
     quick = args.quick
     concurrency = args.concurrency or ([1, 4] if quick else [1, 4, 16, 64])
     output_tokens = args.output_tokens or ((4, 8) if quick else (16, 48))
-    baselines = args.baselines or (["a", "b", "c", "e"] if quick else list(BASELINES))
+    baselines = args.baselines
+    if baselines is None:
+        baselines = ["a", "b", "c", "e"] if quick else list(BASELINES)
     workload = WorkloadConfig(
         num_requests=0,
         adapter_mix=args.adapters,
@@ -171,6 +213,9 @@ def resolve(args: argparse.Namespace) -> Settings:
         profile=(not quick) if args.profile is None else args.profile,
         objective=LatencyObjective(ttft_ms=args.slo_ttft_ms, e2e_ms=args.slo_e2e_ms),
         workload=workload,
+        scenarios=args.scenarios
+        if args.scenarios is not None
+        else [name for name, sc in SCENARIOS.items() if sc.quick or not quick],
     )
 
 
@@ -204,13 +249,17 @@ class Runner:
         self.skipped: list[dict[str, str]] = []
         self.profile: dict[str, Any] | None = None
         self.server_adapters: list[dict[str, Any]] = []
+        # Scenario records beyond cells (results["scenarios"]) and work to run after servers.
+        self.scenario_records: dict[str, dict[str, Any]] = {}
+        self.deferred: list[Callable[[], None]] = []
+        self._generator: Any = None
 
     # -- helpers --
     def _load(self, cell: Cell) -> LoadConfig:
         return LoadConfig(
             mode=cell.mode,
             concurrency=max(1, cell.concurrency),
-            rate_rps=self.s.args.rate,
+            rate_rps=cell.rate_rps or self.s.args.rate,
             duration_s=self.s.duration_s,
             stream=cell.stream,
             seed=self.s.args.seed,
@@ -221,25 +270,47 @@ class Runner:
         # state, and the first and last rounds (ramp-up, drain) should not dominate the window.
         return max(self.s.requests, 6 * cell.concurrency)
 
-    def _measure(self, cell: Cell, server: ServerProcess, make_target: Any) -> dict[str, Any]:
-        specs = workload_for(
-            self.s.workload, cell, self._count(cell), self.s.adapters, self.s.mixable
+    def measure(
+        self,
+        cell: Cell,
+        server: ServerProcess,
+        make_target: Callable[[], Target],
+        specs: Sequence[RequestSpec] | None = None,
+        load: LoadConfig | None = None,
+        background: Background | None = None,
+        keep_tokens: bool = False,
+    ) -> dict[str, Any]:
+        """Measure one cell on a running server (the main sweep's workload by default)."""
+        if specs is None:
+            specs = workload_for(
+                self.s.workload, cell, self._count(cell), self.s.adapters, self.s.mixable
+            )
+        warm = warmup_specs(
+            replace(self.s.workload, natural=cell.workload == "natural"),
+            cell,
+            self.s.adapters,
+            self.s.mixable,
         )
-        warm = warmup_specs(self.s.workload, cell, self.s.adapters, self.s.mixable)
         cpu = CpuMeter(server.pid)
         result = measure_cell(
-            cell, make_target, specs, self._load(cell), warm, server.log_lines, cpu
+            cell,
+            make_target,
+            specs,
+            load or self._load(cell),
+            warm,
+            server.log_lines,
+            cpu,
+            background,
+            server.metrics_port,
         )
-        record = cell_record(cell, result, self.s.objective, cpu)
+        extra: dict[str, Any] = {}
+        if keep_tokens:
+            extra["output_tokens_by_request"] = {
+                s.request_id: s.output_tokens for s in result.samples if s.ok
+            }
+        record = cell_record(cell, result, self.s.objective, cpu, **extra)
         self.cells.append(record)
-        m = record["metrics"]
-        print(
-            f"  {cell.id}: {m['ok']}/{m['requests']} ok, {m['output_tokens_per_s']:.1f} tok/s, "
-            f"{m['request_throughput_rps']:.2f} req/s, mean batch {m['mean_batch_size']}, "
-            f"cores busy: server {m['server_cores_busy']}, client {m['client_cores_busy']}",
-            file=sys.stderr,
-            flush=True,
-        )
+        _print_cell(record)
         return record
 
     def _cell(
@@ -271,16 +342,24 @@ class Runner:
     def _peftserve(self, name: str, max_batch_size: int) -> ServerProcess:
         args = self.s.args
         adapters_dir = args.adapters_dir if args.adapters_dir.is_dir() else None
+        metrics_port = free_port()
         return ServerProcess(
             name,
-            peftserve_command(args.model_path, adapters_dir, max_batch_size),
+            peftserve_command(
+                args.model_path,
+                adapters_dir,
+                max_batch_size,
+                ["--metrics-address", f"127.0.0.1:{metrics_port}"],
+            ),
             child_env(args.torch_threads),
             self.out_dir / "logs" / f"{name}.log",
+            metrics_port=metrics_port,
         )
 
     # -- systems --
     def run_batched(self) -> None:
-        """(c), the stream/unary pair, (e), the base-model cell for (d), and the profile."""
+        """(c), the stream/unary pair, (e), the base-model cells for (d), the scenarios that
+        share this server, and the profile."""
         s, mix = self.s, self.s.args.adapters
         wanted = set(s.baselines)
         max_batch = max(s.concurrency)
@@ -294,43 +373,75 @@ class Runner:
             def target() -> PeftServeTarget:
                 return PeftServeTarget(address)
 
-            for stream in (s.args.stream, not s.args.stream):
-                rpc = "stream" if stream else "unary"
-                for point in s.points:
-                    cell = self._cell(
-                        "c",
-                        "peftserve",
-                        f"{label}, {rpc}",
-                        point,
-                        stream,
-                        mix,
-                        max_batch,
-                        f"(c) peftserve batched, {rpc}",
-                    )
-                    self._measure(cell, server, target)
-            extra_mixes: list[str] = []
+            if wanted & {"c", "e"}:
+                for stream in (s.args.stream, not s.args.stream):
+                    rpc = "stream" if stream else "unary"
+                    for point in s.points:
+                        cell = self._cell(
+                            "c",
+                            "peftserve",
+                            f"{label}, {rpc}",
+                            point,
+                            stream,
+                            mix,
+                            max_batch,
+                            f"(c) peftserve batched, {rpc}",
+                        )
+                        self.measure(cell, server, target)
+            extra_mixes: list[tuple[str, int]] = []
             if "e" in wanted:
-                extra_mixes += ["single"] + (
-                    ["uniform"] if mix not in ("uniform", "skewed") else []
-                )
-                extra_mixes += ["mixable"] if mix != "mixable" else []
+                extra_mixes += [("single", s.top)]
+                if mix not in ("uniform", "skewed"):
+                    extra_mixes.append(("uniform", s.top))
+                if mix != "mixable":
+                    extra_mixes.append(("mixable", s.top))
             if "d" in wanted:
-                extra_mixes.append("base")
-            for extra in dict.fromkeys(m for m in extra_mixes if m != mix):
+                # The same points as (d) runs at: its lowest and its top concurrency.
+                extra_mixes += [("base", point) for point in sorted({min(s.points), s.top})]
+            for extra, point in dict.fromkeys(m for m in extra_mixes if m[0] != mix):
                 cell = self._cell(
                     "e" if extra != "base" else "c",
                     "peftserve",
                     f"{label}, unary, adapters={extra}",
-                    s.top,
+                    point,
                     False,
                     extra,
                     max_batch,
-                    # A one-point series: it puts e.g. the base-model cell next to (d) on the plot.
+                    # A short series: it puts e.g. the base-model cells next to (d) on the plot.
                     f"(c) peftserve batched, unary, adapters={extra}",
                 )
-                self._measure(cell, server, target)
+                self.measure(cell, server, target)
+            for name in s.scenarios:
+                scenario = SCENARIOS[name]
+                if scenario.max_batch_size in (None, max_batch):
+                    print(f"scenario {name} ...", file=sys.stderr, flush=True)
+                    self._run_scenario(name, ScenarioContext(self, server, address, max_batch))
             if s.profile:
                 self._profile(server, target, label, max_batch)
+
+    def run_own_server_scenarios(self) -> None:
+        """Scenarios that need a server of their own (another batch size)."""
+        for name in self.s.scenarios:
+            scenario = SCENARIOS[name]
+            if scenario.max_batch_size in (None, max(self.s.concurrency)):
+                continue  # ran on the shared batched server
+            server = self._peftserve(f"peftserve-{name}", scenario.max_batch_size)
+            print(f"starting {server.name} for scenario {name} ...", file=sys.stderr, flush=True)
+            with server:
+                address = server.start()
+                context = ScenarioContext(self, server, address, scenario.max_batch_size)
+                self._run_scenario(name, context)
+            record = self.scenario_records.get(name)
+            if record is not None:
+                print(f"  {name}: {_brief(record)}", file=sys.stderr, flush=True)
+
+    def _run_scenario(self, name: str, context: ScenarioContext) -> None:
+        """Run one scenario; a failure is reported and skipped, the rest of the run goes on."""
+        try:
+            SCENARIOS[name].run(context)
+        except Exception as error:
+            traceback.print_exc()
+            self.skipped.append({"baseline": f"scenario {name}", "reason": repr(error)[:300]})
 
     def _record_server_adapters(self, address: str) -> None:
         import asyncio
@@ -346,7 +457,13 @@ class Runner:
 
         self.server_adapters = asyncio.run(ask())
 
-    def _profile(self, server: ServerProcess, target: Any, label: str, max_batch: int) -> None:
+    def _profile(
+        self,
+        server: ServerProcess,
+        target: Callable[[], Target],
+        label: str,
+        max_batch: int,
+    ) -> None:
         cell = self._cell(
             "c",
             "peftserve-profiled",
@@ -363,7 +480,7 @@ class Runner:
             self.profile = {"cell": cell.id, "error": recorder.error}
             return
         try:
-            self._measure(cell, server, target)
+            self.measure(cell, server, target)
         finally:
             path = recorder.stop()
         if path is None:
@@ -394,12 +511,57 @@ class Runner:
                     1,
                     "(b) peftserve max_batch_size=1, unary",
                 )
-                self._measure(cell, server, target)
+                self.measure(cell, server, target)
+
+    def _inprocess_generator(self) -> Any:
+        """One in-process model set (base + every adapter) for every in-process cell."""
+        from .inprocess import InProcessGenerator
+
+        if self._generator is None:
+            s = self.s
+            print("loading the in-process baseline ...", file=sys.stderr, flush=True)
+            adapters_dir = s.args.adapters_dir if s.args.adapters_dir.is_dir() else None
+            self._generator = InProcessGenerator(
+                s.args.model_path, adapters_dir, s.adapters, s.args.torch_threads
+            )
+        return self._generator
+
+    def run_inprocess_cell(
+        self,
+        cell: Cell,
+        specs: Sequence[RequestSpec],
+        duration_s: float | None = None,
+        keep_tokens: bool = False,
+    ) -> dict[str, Any]:
+        """Run ``specs`` one by one through ``PeftModel.generate`` in this process."""
+        from .inprocess import run_inprocess
+
+        generator = self._inprocess_generator()
+        warm = warmup_specs(
+            replace(self.s.workload, natural=cell.workload == "natural"),
+            cell,
+            self.s.adapters,
+            self.s.mixable,
+        )
+        run_inprocess(generator, [w for w in warm if w.adapter in generator.models], 60.0)
+        cpu = CpuMeter()
+        cpu.start()
+        result = run_inprocess(
+            generator, specs, self.s.duration_s if duration_s is None else duration_s
+        )
+        cpu.stop()
+        extra: dict[str, Any] = {}
+        if keep_tokens:
+            extra["output_tokens_by_request"] = {
+                s.request_id: s.output_tokens for s in result.samples if s.ok
+            }
+        record = cell_record(cell, result, self.s.objective, cpu, **extra)
+        self.cells.append(record)
+        _print_cell(record)
+        return record
 
     def run_inprocess(self) -> None:
         """(a): PeftModel.generate in this process, serially."""
-        from .inprocess import InProcessGenerator, run_inprocess
-
         s = self.s
         cell = Cell(
             id=f"inprocess-unary-{s.args.adapters}-c1",
@@ -412,24 +574,7 @@ class Runner:
             adapter_mix=s.args.adapters,
         )
         specs = workload_for(s.workload, cell, s.requests, s.adapters, s.mixable)
-        used = sorted({spec.adapter for spec in specs} - {""})
-        print("loading the in-process baseline ...", file=sys.stderr, flush=True)
-        generator = InProcessGenerator(
-            s.args.model_path, s.args.adapters_dir, used, s.args.torch_threads
-        )
-        warm = warmup_specs(s.workload, cell, s.adapters, s.mixable)
-        run_inprocess(generator, [w for w in warm if w.adapter in generator.models], 60.0)
-        cpu = CpuMeter()
-        cpu.start()
-        result = run_inprocess(generator, specs, s.duration_s)
-        cpu.stop()
-        record = cell_record(cell, result, s.objective, cpu)
-        self.cells.append(record)
-        print(
-            f"  {cell.id}: {record['metrics']['output_tokens_per_s']:.1f} tok/s",
-            file=sys.stderr,
-            flush=True,
-        )
+        self.run_inprocess_cell(cell, specs)
 
     def run_transformers_serve(self) -> None:
         """(d): transformers serve with continuous batching, base model, over HTTP."""
@@ -482,7 +627,7 @@ class Runner:
                         max_connections=max(1, point) + 8,
                     )
 
-                record = self._measure(cell, server, target)
+                record = self.measure(cell, server, target)
                 if record["metrics"]["ok"] == 0:
                     self.skipped.append(
                         {
@@ -492,6 +637,30 @@ class Runner:
                         }
                     )
                     return
+
+
+def _print_cell(record: dict[str, Any]) -> None:
+    m = record["metrics"]
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    steps = record.get("server_steps") or {}
+    queue = m.get("queue_wait_steps") or {}
+    print(
+        f"  {record['id']}: {m['ok']}/{m['requests']} ok, {m['output_tokens_per_s']:.1f} tok/s, "
+        f"{m['request_throughput_rps']:.2f} req/s, mean batch {fmt(m['mean_batch_size'])}, "
+        f"step {fmt(steps.get('mean_step_ms'))} ms, queue p50 {fmt(queue.get('p50'))} steps, "
+        f"cores busy: server {fmt(m['server_cores_busy'])}, client {fmt(m['client_cores_busy'])}"
+        f", other {fmt(m['other_cores_busy'])}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _brief(record: dict[str, Any]) -> str:
+    keys = ("steps_median", "steps_max", "ms_median", "valid_trials")
+    return ", ".join(f"{k} {record[k]}" for k in keys if k in record)
 
 
 def _special_token_ids(model_path: Path) -> dict[str, int]:
@@ -505,74 +674,6 @@ def _special_token_ids(model_path: Path) -> dict[str, int]:
                 if isinstance(config.get(key), int):
                     ids.setdefault(key, config[key])
     return ids
-
-
-def _find(cells: Sequence[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
-    for cell in cells:
-        if all(cell.get(k) == v for k, v in match.items()):
-            return cell
-    return None
-
-
-def compute_ratios(cells: Sequence[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
-    """The five target ratios (output tokens/s over output tokens/s), None when a side is
-    missing, plus the informational mixable-only variant of (e)."""
-    top, mix, lo = settings.top, settings.args.adapters, min(settings.points)
-    c_main = {"system": "peftserve", "concurrency": top, "adapter_mix": mix}
-    mixed = mix if mix in ("uniform", "skewed", "mixable") else "uniform"
-    pairs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-        "c/b": ({**c_main, "stream": False}, {"system": "peftserve-b1", "concurrency": top}),
-        "b/a": ({"system": "peftserve-b1", "concurrency": lo}, {"baseline": "a"}),
-        "stream/unary": ({**c_main, "stream": True}, {**c_main, "stream": False}),
-        "c/d": (
-            {"system": "peftserve", "concurrency": top, "adapter_mix": "base"},
-            {"system": "transformers-serve", "concurrency": top},
-        ),
-        "e": (
-            {"system": "peftserve", "concurrency": top, "adapter_mix": mixed, "stream": False},
-            {"system": "peftserve", "concurrency": top, "adapter_mix": "single"},
-        ),
-    }
-    ratios = []
-    for name, (num_match, den_match) in pairs.items():
-        description, target = TARGETS[name]
-        ratios.append(_ratio(name, description, target, cells, num_match, den_match))
-    info = _ratio(
-        "e (mixable only)",
-        "plain-LoRA adapters only (all share batches) vs a single adapter",
-        TARGETS["e"][1],
-        cells,
-        {"system": "peftserve", "concurrency": top, "adapter_mix": "mixable", "stream": False},
-        {"system": "peftserve", "concurrency": top, "adapter_mix": "single"},
-    )
-    ratios.append(info)
-    return ratios
-
-
-def _ratio(
-    name: str,
-    description: str,
-    target: float,
-    cells: Sequence[dict[str, Any]],
-    num_match: dict[str, Any],
-    den_match: dict[str, Any],
-) -> dict[str, Any]:
-    num, den = _find(cells, **num_match), _find(cells, **den_match)
-    value = None
-    if num and den and den["metrics"]["output_tokens_per_s"] > 0:
-        value = num["metrics"]["output_tokens_per_s"] / den["metrics"]["output_tokens_per_s"]
-    return {
-        "name": name,
-        "description": description,
-        "value": value,
-        "target": target,
-        "op": ">=",
-        "met": value is not None and value >= target,
-        "numerator_cell": num["id"] if num else None,
-        "denominator_cell": den["id"] if den else None,
-        "numerator": num["metrics"]["output_tokens_per_s"] if num else None,
-        "denominator": den["metrics"]["output_tokens_per_s"] if den else None,
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -593,17 +694,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    load_at_start = load_average()
     runner = Runner(settings, out_dir)
     wanted = set(settings.baselines)
-    # Servers first, the in-process baseline after: each system runs alone on the machine.
-    if wanted & {"c", "e"} or "d" in wanted:
+    # Servers first, the in-process baselines after: each system runs alone on the machine.
+    shared = [
+        n
+        for n in settings.scenarios
+        if SCENARIOS[n].max_batch_size in (None, max(settings.concurrency))
+    ]
+    if wanted & {"c", "d", "e"} or shared:
         runner.run_batched()
+    runner.run_own_server_scenarios()
     if "b" in wanted:
         runner.run_unbatched()
-    if "a" in wanted:
-        runner.run_inprocess()
     if "d" in wanted:
         runner.run_transformers_serve()
+    if "a" in wanted:
+        runner.run_inprocess()
+    for deferred in runner.deferred:
+        deferred()
     for baseline in BASELINES:
         if baseline not in wanted:
             reason = "quick mode" if args.quick else "not selected with --baselines"
@@ -628,18 +738,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_output_tokens": settings.output_tokens[1],
             "torch_threads": args.torch_threads,
             "objective": {"ttft_ms": args.slo_ttft_ms, "e2e_ms": args.slo_e2e_ms},
+            "scenarios": settings.scenarios,
+            "load_average_start": load_at_start,
+            "load_average_end": load_average(),
             "environment": environment(),
         },
         "cells": runner.cells,
-        "ratios": compute_ratios(runner.cells, settings),
+        "scenarios": runner.scenario_records,
         "skipped": runner.skipped,
         "profile": runner.profile,
     }
+    results["targets"] = evaluate(results)
     paths = write_report(results, out_dir)
     print(f"wrote {paths['markdown']} and {paths['json']}", file=sys.stderr)
-    for ratio in results["ratios"]:
-        value = "n/a" if ratio["value"] is None else f"{ratio['value']:.2f}"
-        print(f"  {ratio['name']}: {value} (target >= {ratio['target']})", file=sys.stderr)
+    for row in results["targets"]:
+        value = "n/a" if row["value"] is None else f"{row['value']:.2f}{row['unit']}"
+        verdict = (
+            "info"
+            if row["informational"]
+            else {True: "met", False: "MISSED"}.get(row["met"], "not measured")
+        )
+        print(
+            f"  {row['name']}: {value} (target {row['op']} {row['target']}): {verdict}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -117,9 +117,12 @@ class ServerProcess:
         env: Mapping[str, str],
         log_path: Path,
         ready_url: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         # ready_url None: wait for peftserve's "ready" line on stdout; else poll that URL.
+        # metrics_port: where the server serves Prometheus metrics, if it was asked to.
         self.name = name
+        self.metrics_port = metrics_port
         self.command = list(command)
         self.env = dict(env)
         self.log_path = log_path

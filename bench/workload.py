@@ -5,6 +5,11 @@ model was trained on, so the adapters run on in-distribution input. Output lengt
 request by sending ``min_new_tokens == max_new_tokens``: every system under test then generates
 exactly the same number of tokens for the same request (an "ignore EOS" benchmark), which is
 what makes tokens/s comparable across baselines.
+
+A *natural* workload (``natural=True``) sends only a ``max_new_tokens`` cap: each request ends
+at EOS, as real traffic does, so rows of one batch finish at different steps (the demo adapters
+answer in 4-31 tokens). Greedy decoding keeps it deterministic: every system still generates
+the same tokens for the same request, just not equally many per request.
 """
 
 from __future__ import annotations
@@ -52,8 +57,11 @@ class RequestSpec:
     request_id: str
     prompt: str
     adapter: str
-    # Exact number of tokens to generate (sent as both min_new_tokens and max_new_tokens).
+    # Exact number of tokens to generate (sent as both min_new_tokens and max_new_tokens); for a
+    # natural-length request only the cap (max_new_tokens), the request ends at EOS.
     output_tokens: int
+    exact_length: bool = True
+    num_beams: int = 1  # > 1: beam search (always a unary Generate)
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,9 @@ class WorkloadConfig:
     seed: int = 0
     # Distinguishes request ids of different cells so server log lines join unambiguously.
     id_prefix: str = "bench"
+    # Natural lengths: no min_new_tokens, every request capped at max_output_tokens, ends at EOS.
+    natural: bool = False
+    num_beams: int = 1
 
 
 def make_prompt(rng: random.Random, min_words: int = 1, max_words: int = MAX_WORDS) -> str:
@@ -119,6 +130,7 @@ def build_workload(
     for i in range(config.num_requests):
         prompt = make_prompt(rng, config.min_words, config.max_words)
         adapter = rng.choices(names, probabilities)[0]
+        # Drawn even for natural requests, so both kinds share their prompts and adapters.
         output_tokens = rng.randint(config.min_output_tokens, config.max_output_tokens)
         specs.append(
             RequestSpec(
@@ -126,7 +138,9 @@ def build_workload(
                 request_id=f"{config.id_prefix}-{i:05d}",
                 prompt=prompt,
                 adapter=adapter,
-                output_tokens=output_tokens,
+                output_tokens=config.max_output_tokens if config.natural else output_tokens,
+                exact_length=not config.natural,
+                num_beams=config.num_beams,
             )
         )
     return specs

@@ -67,3 +67,13 @@ def test_uniform_mix_draws_every_adapter() -> None:
 def test_bad_length_range_is_rejected() -> None:
     with pytest.raises(ValueError):
         build_workload(WorkloadConfig(num_requests=1, min_output_tokens=4, max_output_tokens=3), ())
+
+
+def test_natural_workload_keeps_prompts_and_adapters_but_caps_instead_of_fixing_lengths() -> None:
+    exact = build_workload(WorkloadConfig(num_requests=40, seed=3), ADAPTERS)
+    natural = build_workload(WorkloadConfig(num_requests=40, seed=3, natural=True), ADAPTERS)
+    assert [(s.prompt, s.adapter) for s in natural] == [(s.prompt, s.adapter) for s in exact]
+    assert all(s.output_tokens == 48 and not s.exact_length for s in natural)
+    assert all(s.exact_length for s in exact)
+    beams = build_workload(WorkloadConfig(num_requests=3, num_beams=4), ADAPTERS)
+    assert all(s.num_beams == 4 for s in beams)
