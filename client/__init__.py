@@ -8,6 +8,7 @@ from .requests import build_generate_request
 from .types import (
     AdapterEvent,
     AdapterInfo,
+    ChatMessage,
     GenerateOptions,
     GenerationOutput,
     ModelInfo,
@@ -26,6 +27,7 @@ __all__ = [
     "AdapterInfo",
     "AsyncPeftServeClient",
     "ChannelSettings",
+    "ChatMessage",
     "GenerateOptions",
     "GenerationOutput",
     "ModelInfo",

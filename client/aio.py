@@ -99,7 +99,7 @@ class AsyncPeftServeClient:
 
     async def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None = None,
         *,
         timeout_s: float | None = None,
         **options: Unpack[GenerateOptions],
@@ -114,7 +114,7 @@ class AsyncPeftServeClient:
 
     async def stream_events(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None = None,
         *,
         timeout_s: float | None = None,
         **options: Unpack[GenerateOptions],
@@ -140,7 +140,7 @@ class AsyncPeftServeClient:
 
     async def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None = None,
         *,
         timeout_s: float | None = None,
         **options: Unpack[GenerateOptions],

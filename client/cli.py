@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", parents=[common], help="generate text from a prompt")
-    generate.add_argument("text", help="the prompt")
+    generate.add_argument("text", nargs="?", help="the prompt (omit it with --message)")
     generate.add_argument("--adapter", default="", help="adapter name (default: base model)")
     generate.add_argument("--stream", action="store_true", help="print tokens as they come")
     generate.add_argument("--max-new-tokens", type=int)
@@ -90,6 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--request-id", default="")
     generate.add_argument("--json", action="store_true", help="print the full result as JSON")
+    constraint = generate.add_mutually_exclusive_group()
+    constraint.add_argument(
+        "--json-schema",
+        metavar="SCHEMA",
+        help="output must match this JSON Schema (@FILE reads one)",
+    )
+    constraint.add_argument("--json-object", action="store_true", help="output is a JSON object")
+    constraint.add_argument("--regex", help="output must match this regular expression")
+    constraint.add_argument(
+        "--grammar",
+        help="output must match this Lark grammar (llguidance dialect; @FILE reads one)",
+    )
+    constraint.add_argument(
+        "--choice", action="append", metavar="TEXT", help="output is one of these (repeatable)"
+    )
+    generate.add_argument(
+        "--message",
+        action="append",
+        type=_message,
+        metavar="ROLE:CONTENT",
+        help="a chat message instead of the prompt, rendered by the server's chat template "
+        "(repeatable, in order), e.g. --message 'user:hello'",
+    )
+    generate.add_argument(
+        "--no-generation-prompt",
+        dest="add_generation_prompt",
+        action="store_false",
+        default=None,
+        help="with --message: do not cue the assistant's reply",
+    )
+    generate.add_argument(
+        "--continue-final-message",
+        action="store_true",
+        help="with --message: the reply continues the final (assistant) message",
+    )
 
     adapters = commands.add_parser("adapters", parents=[common], help="list the loaded adapters")
     adapters.add_argument("--json", action="store_true")
@@ -177,8 +212,31 @@ def _generate_options(args: argparse.Namespace) -> GenerateOptions:
         "num_return_sequences": args.num_return_sequences,
         "stop_sequences": args.stop,
         "request_id": args.request_id,
+        "json_schema": _text_or_file(args.json_schema),
+        "json_object": args.json_object,
+        "regex": args.regex,
+        "grammar": _text_or_file(args.grammar),
+        "choice": args.choice,
     }
+    if args.message:
+        options["messages"] = args.message
+        options["add_generation_prompt"] = args.add_generation_prompt
+        options["continue_final_message"] = args.continue_final_message
     return options
+
+
+def _text_or_file(value: str | None) -> str | None:
+    if value is not None and value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as file:
+            return file.read()
+    return value
+
+
+def _message(value: str) -> dict[str, str]:
+    role, sep, content = value.partition(":")
+    if not sep or not role:
+        raise argparse.ArgumentTypeError(f"--message wants ROLE:CONTENT, got {value!r}")
+    return {"role": role, "content": content}
 
 
 def _print_json(value: Any) -> None:
@@ -286,7 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_argv = _serve_argv(argv)
     if serve_argv is not None:
         return serve(serve_argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate" and (args.text is None) == (not args.message):
+        parser.error("generate: give a prompt or --message, exactly one of them")
     try:
         _run(args)
     except PeftServeClientError as error:

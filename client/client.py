@@ -100,7 +100,7 @@ class PeftServeClient:
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None = None,
         *,
         timeout_s: float | None = None,
         **options: Unpack[GenerateOptions],
@@ -115,7 +115,7 @@ class PeftServeClient:
 
     def stream_events(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None = None,
         *,
         timeout_s: float | None = None,
         **options: Unpack[GenerateOptions],
@@ -141,7 +141,7 @@ class PeftServeClient:
 
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None = None,
         *,
         timeout_s: float | None = None,
         **options: Unpack[GenerateOptions],

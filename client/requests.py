@@ -7,10 +7,13 @@ model's default; there is no "temperature 0" shortcut for greedy decoding).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from peftserve.v1 import generation_pb2 as pb
+
+from .types import ChatMessage, ChatMessageLike
 
 __all__ = [
     "GENERATION_PARAMETER_NAMES",
@@ -28,7 +31,7 @@ GENERATION_PARAMETER_NAMES: tuple[str, ...] = tuple(
 
 
 def build_generate_request(
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | None = None,
     *,
     adapter: str = "",
     max_new_tokens: int | None = None,
@@ -55,6 +58,14 @@ def build_generate_request(
     top_logprobs: int = 0,
     include_special_tokens: bool = False,
     request_id: str = "",
+    json_schema: str | Mapping[str, Any] | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    grammar: str | None = None,
+    choice: Sequence[str] | None = None,
+    messages: Sequence[ChatMessageLike] | None = None,
+    add_generation_prompt: bool | None = None,
+    continue_final_message: bool = False,
 ) -> pb.GenerateRequest:
     """Build a ``GenerateRequest`` for Generate and StreamGenerate.
 
@@ -63,9 +74,25 @@ def build_generate_request(
     Range checks are the server's job: it reports every offending field at once, by path.
     Values protobuf itself cannot hold (a negative uint, a str for a float) raise ValueError
     or TypeError naming the field.
+
+    Structured output: at most one of ``json_schema`` (a JSON Schema, as text or a dict),
+    ``json_object=True`` (any JSON object), ``regex``, ``grammar`` (llguidance's Lark) and
+    ``choice`` (a list of allowed outputs). Chat: ``messages`` (``ChatMessage`` or
+    ``{"role", "content"}`` dicts) instead of ``prompt``, rendered by the server's own chat
+    template; ``add_generation_prompt`` (None: the server's default, true) and
+    ``continue_final_message``.
     """
     request = pb.GenerateRequest(request_id=request_id, adapter=adapter)
-    if isinstance(prompt, str):
+    _constrain(request, json_schema, json_object, regex, grammar, choice)
+    if messages is not None:
+        if prompt is not None:
+            raise TypeError("give either a prompt or messages, not both")
+        _chat(request, messages, add_generation_prompt, continue_final_message)
+    elif add_generation_prompt is not None or continue_final_message:
+        raise TypeError("add_generation_prompt and continue_final_message need messages")
+    elif prompt is None:
+        raise TypeError("a prompt (text or token ids) or messages is required")
+    elif isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, bytes | bytearray):
         # bytes is a Sequence[int] too; accepting it as token ids would be a silent surprise.
@@ -124,6 +151,62 @@ def build_generate_request(
     if options.ByteSize() == 0:
         request.ClearField("options")
     return request
+
+
+def _constrain(
+    request: pb.GenerateRequest,
+    json_schema: str | Mapping[str, Any] | None,
+    json_object: bool,
+    regex: str | None,
+    grammar: str | None,
+    choice: Sequence[str] | None,
+) -> None:
+    given = {
+        "json_schema": json_schema is not None,
+        "json_object": bool(json_object),
+        "regex": regex is not None,
+        "grammar": grammar is not None,
+        "choice": choice is not None,
+    }
+    chosen = [name for name, present in given.items() if present]
+    if len(chosen) > 1:
+        raise TypeError(f"give at most one constraint, not {' and '.join(chosen)}")
+    constraint = request.constraint
+    if json_schema is not None:
+        constraint.json_schema = (
+            json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        )
+    elif json_object:
+        constraint.json_object.SetInParent()
+    elif regex is not None:
+        constraint.regex = regex
+    elif grammar is not None:
+        constraint.grammar = grammar
+    elif choice is not None:
+        if isinstance(choice, str):
+            raise TypeError("choice takes a list of strings, not a string")
+        constraint.choice.SetInParent()
+        constraint.choice.choices.extend(choice)
+    else:
+        request.ClearField("constraint")
+
+
+def _chat(
+    request: pb.GenerateRequest,
+    messages: Sequence[ChatMessageLike],
+    add_generation_prompt: bool | None,
+    continue_final_message: bool,
+) -> None:
+    chat = request.chat
+    chat.SetInParent()
+    for message in messages:
+        if isinstance(message, ChatMessage):
+            chat.messages.add(role=message.role, content=message.content)
+        else:
+            chat.messages.add(role=message["role"], content=message.get("content", ""))
+    if add_generation_prompt is not None:
+        chat.add_generation_prompt = add_generation_prompt
+    chat.continue_final_message = continue_final_message
 
 
 def build_tokenize_request(text: str, add_special_tokens: bool = True) -> pb.TokenizeRequest:

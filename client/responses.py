@@ -78,6 +78,7 @@ def _sequence(message: pb.Sequence) -> SequenceOutput:
         finish_reason=finish_reason_name(message.finish_reason),
         logprobs=_logprobs(message.logprobs),
         beam_score=message.beam_score if message.HasField("beam_score") else None,
+        incomplete=message.incomplete,
     )
 
 
@@ -167,6 +168,7 @@ class StreamAssembler:
                             finish_reason=finish_reason_name(s.finish_reason),
                             logprobs=tuple(self._logprobs.get(s.index, ())),
                             beam_score=s.beam_score if s.HasField("beam_score") else None,
+                            incomplete=s.incomplete,
                         )
                         for s in summary.sequences
                     ),
@@ -204,6 +206,7 @@ def model_info_from_pb(message: pb.GetModelInfoResponse) -> ModelInfo:
         # Named from the dataclass, not the message: a limit added by a newer server is ignored
         # instead of breaking this client.
         limits=ServerLimits(**{f.name: getattr(limits, f.name) for f in fields(ServerLimits)}),
+        chat_template=message.chat_template,
     )
 
 

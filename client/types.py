@@ -6,13 +6,15 @@ and tasks without anyone mutating it underneath the others.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
 __all__ = [
     "AdapterEvent",
     "AdapterInfo",
+    "ChatMessage",
+    "ChatMessageLike",
     "GenerateOptions",
     "GenerationOutput",
     "ModelInfo",
@@ -25,6 +27,17 @@ __all__ = [
     "TokenizeOutput",
     "TopLogprob",
 ]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat message for ``messages=`` (a ``{"role": ..., "content": ...}`` dict works too)."""
+
+    role: str
+    content: str
+
+
+ChatMessageLike = ChatMessage | Mapping[str, str]
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -59,6 +72,14 @@ class GenerateOptions(TypedDict, total=False):
     top_logprobs: int
     include_special_tokens: bool
     request_id: str
+    json_schema: str | Mapping[str, Any] | None
+    json_object: bool
+    regex: str | None
+    grammar: str | None
+    choice: Sequence[str] | None
+    messages: Sequence[ChatMessageLike] | None
+    add_generation_prompt: bool | None
+    continue_final_message: bool
 
 
 @dataclass(frozen=True)
@@ -85,8 +106,10 @@ class SequenceOutput:
     """One returned sequence.
 
     ``finish_reason`` is the lower-case enum name without its prefix: "length", "eos",
-    "stop_sequence", "cancelled", "deadline_exceeded", "context_length" ("unspecified" never
-    comes from a well-behaved server).
+    "stop_sequence", "cancelled", "deadline_exceeded", "context_length",
+    "constraint_incomplete", "constraint_dead_end" ("unspecified" never comes from a
+    well-behaved server). ``incomplete``: the request had a constraint and this text does not
+    satisfy it.
     """
 
     index: int
@@ -95,6 +118,7 @@ class SequenceOutput:
     finish_reason: str
     logprobs: tuple[TokenLogprob, ...]
     beam_score: float | None
+    incomplete: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +196,9 @@ class ServerLimits:
     max_stop_sequences: int
     max_stop_sequence_length: int
     max_top_logprobs: int
+    # Structured output limits (0 from servers without constraints).
+    max_constraint_text_length: int = 0
+    constraint_compile_timeout_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,6 +212,8 @@ class ModelInfo:
     vocab_size: int
     eos_token_id: int | None
     limits: ServerLimits
+    # The model has a chat template, so ``messages=`` is accepted.
+    chat_template: bool = False
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ def test_every_contract_field_has_a_keyword_and_the_typed_dict_matches() -> None
     contract = (
         {f.name for f in pb.GenerationParameters.DESCRIPTOR.fields}
         | {f.name for f in pb.ResponseOptions.DESCRIPTOR.fields}
+        | {f.name for f in pb.Constraint.DESCRIPTOR.fields}
+        | {f.name for f in pb.ChatInput.DESCRIPTOR.fields}
         | {"adapter", "request_id"}
     )
     assert keywords == contract
