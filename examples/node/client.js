@@ -2,8 +2,11 @@
 // A peftserve client built from the .proto alone: no generated code, no Python.
 //
 // Usage: node client.js TARGET PROMPT [ADAPTER] [MAX_NEW_TOKENS]
-// Calls Generate, then StreamGenerate with the same request, and prints one JSON object:
-//   {"generate": {...GenerateResponse...}, "stream": {"text": ..., "deltas": N, "summary": {...}}}
+// Calls Generate, then StreamGenerate with the same request, then Generate once more with a
+// JSON-schema constraint (the output must be an object {"animal": ..., "legs": ...}), and
+// prints one JSON object:
+//   {"generate": {...GenerateResponse...}, "stream": {"text": ..., "deltas": N, "summary": {...}},
+//    "constrained": {"value": {...parsed output...}, "sequence": {...Sequence...}}}
 // Errors print {"error": {"code": ..., "name": ..., "details": ...}} and exit 1.
 'use strict';
 
@@ -31,6 +34,17 @@ function errorJson(error) {
   const name = Object.keys(grpc.status).find((key) => grpc.status[key] === error.code);
   return { error: { code: error.code, name, details: error.details } };
 }
+
+// The constraint of the third call: a JSON Schema, sent as text.
+const ANIMAL_SCHEMA = JSON.stringify({
+  type: 'object',
+  properties: {
+    animal: { enum: ['fox', 'dog', 'cat'] },
+    legs: { type: 'integer', minimum: 0, maximum: 8 },
+  },
+  required: ['animal', 'legs'],
+  additionalProperties: false,
+});
 
 function deadline(seconds) {
   return new Date(Date.now() + seconds * 1000);
@@ -83,6 +97,13 @@ async function main(argv) {
       generate: await generate(client, request),
       stream: await streamGenerate(client, request),
     };
+    const constrained = await generate(client, {
+      ...request,
+      parameters: { max_new_tokens: 64 },
+      constraint: { json_schema: ANIMAL_SCHEMA },
+    });
+    const sequence = constrained.sequences[0];
+    result.constrained = { value: JSON.parse(sequence.text), sequence };
     process.stdout.write(JSON.stringify(result) + '\n');
     return 0;
   } catch (error) {

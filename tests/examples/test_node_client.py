@@ -63,6 +63,12 @@ def test_node_client_generates_and_streams(demo_server: ServerThread) -> None:
     # Several deltas, not one message with everything: the stream really streamed.
     assert stream["deltas"] > 1
     assert stream["summary"]["usage"] == generated["usage"]
+    # The constrained call: schema-valid JSON, though the demo model never saw JSON.
+    constrained = output["constrained"]
+    assert constrained["sequence"]["finish_reason"] == "FINISH_REASON_EOS"
+    assert not constrained["sequence"].get("incomplete", False)
+    assert constrained["value"]["animal"] in ("fox", "dog", "cat")
+    assert 0 <= constrained["value"]["legs"] <= 8
 
     code, failure = run_client(demo_server.address, PROMPT, "no-such-adapter")
     assert code == 1
