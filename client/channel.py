@@ -92,6 +92,10 @@ class ChannelSettings:
     # (GOAWAY "too_many_pings"), so the client does not ping more often unless told to.
     keepalive_time_s: float = 300.0
     keepalive_timeout_s: float = 20.0
+    # Longest wait between reconnection attempts to an address that refused (gRPC's default
+    # is 120 s): a replica restarted in place (same address) is back in the rotation within
+    # this long of being ready.
+    reconnect_backoff_max_s: float = 10.0
     # Transparent retries of UNAVAILABLE and RESOURCE_EXHAUSTED (see service_config).
     retries: bool = True
     max_attempts: int = 4
@@ -160,6 +164,7 @@ def channel_options(settings: ChannelSettings) -> list[ChannelOption]:
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         # Pinging an idle connection would only provoke the server's ping policy.
         ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.max_reconnect_backoff_ms", int(settings.reconnect_backoff_max_s * 1000)),
         ("grpc.enable_retries", 1 if settings.retries else 0),
     ]
     config = service_config(

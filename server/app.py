@@ -214,6 +214,18 @@ _STREAM_HEADROOM = 16
 
 def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     """HTTP/2 and keepalive settings; SECURITY.md explains each choice."""
+    return _security_options(config) + _connection_age_options(config)
+
+
+def _connection_age_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """GOAWAY after --max-connection-age-s (docs/deploy.md: autoscaling). No age grace is set,
+    so a call in flight on an aged connection is never cut; only new calls move."""
+    if config.max_connection_age_s <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000))]
+
+
+def _security_options(config: ServerConfig) -> list[tuple[str, Any]]:
     engine = config.engine
     return [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),

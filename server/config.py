@@ -43,6 +43,10 @@ class ServerConfig:
     max_send_message_bytes: int = 16 * 1024 * 1024
     # On SIGTERM/SIGINT: how long in-flight requests may take to finish before being cancelled.
     shutdown_grace_s: float = 30.0
+    # Send each client connection GOAWAY after this long (0 = never): clients then reconnect
+    # and re-resolve the target, so replicas added by scale-up get calls from long-lived
+    # clients too. In-flight calls on the old connection finish normally.
+    max_connection_age_s: float = 0.0
     log_level: str = "INFO"
     log_format: str = "text"  # "text" | "json"
     # TLS (PEM files). No certificate = plaintext: fine on loopback, see SECURITY.md otherwise.
@@ -138,6 +142,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("server", "max_receive_message_bytes", "largest gRPC message accepted, in bytes"),
     _Option("server", "max_send_message_bytes", "largest gRPC message sent, in bytes"),
     _Option("server", "shutdown_grace_s", "seconds in-flight requests get to finish on SIGTERM"),
+    _Option(
+        "server",
+        "max_connection_age_s",
+        "close client connections after this many seconds (GOAWAY) so clients re-resolve and "
+        "reach new replicas; in-flight calls finish (0 = never)",
+    ),
     _Option("server", "log_level", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     _Option("server", "log_format", "log line format", choices=("text", "json")),
     _Option("server", "tls_cert_file", "PEM certificate chain of the server; enables TLS"),
@@ -328,6 +338,8 @@ def validate_config(config: ServerConfig) -> list[str]:
         problems.append("--constraint-compile-timeout-s must be > 0")
     if config.shutdown_grace_s < 0:
         problems.append("--shutdown-grace-s must be >= 0")
+    if config.max_connection_age_s < 0:
+        problems.append("--max-connection-age-s must be >= 0")
     if engine.max_loaded_adapters < 0:
         problems.append("--max-loaded-adapters must be >= 0")
     elif 0 < engine.max_loaded_adapters < len(engine.pinned_adapters):
