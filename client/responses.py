@@ -117,6 +117,7 @@ def _output(
         queue_wait_ms=timing.queue_wait_ms,
         inference_ms=timing.inference_ms,
         effective_parameters=effective_parameters_to_dict(provenance.effective_parameters),
+        replica=provenance.replica,
     )
 
 

@@ -137,6 +137,8 @@ class GenerationOutput:
     inference_ms: float
     # The parameters the request ran with after server defaults, keyed by proto field name.
     effective_parameters: Mapping[str, Any]
+    # The replica of a scaled-out deployment that served it (Ray Serve); "" from a plain server.
+    replica: str = ""
 
     @property
     def text(self) -> str:

@@ -917,6 +917,7 @@ class Provenance(_message.Message):
     ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     EFFECTIVE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The served model's id."""
     adapter: _builtins.str
@@ -925,6 +926,11 @@ class Provenance(_message.Message):
     """SHA-256 (hex) of the adapter's weights file. Empty: the base model."""
     seed: _builtins.int
     """The seed actually used (the request's, or the one the server picked)."""
+    replica: _builtins.str
+    """Which replica of a scaled-out deployment produced the response (on Ray Serve, the
+    replica's id), so callers can see adapter affinity at work. Empty: the server does not
+    report it (a plain single server).
+    """
     @_builtins.property
     def effective_parameters(self) -> Global___EffectiveParameters:
         """The parameters after defaults."""
@@ -937,10 +943,11 @@ class Provenance(_message.Message):
         adapter_sha256: _builtins.str = ...,
         seed: _builtins.int = ...,
         effective_parameters: Global___EffectiveParameters | None = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective_parameters", b"effective_parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapter_sha256", b"adapter_sha256", "effective_parameters", b"effective_parameters", "model_id", b"model_id", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapter_sha256", b"adapter_sha256", "effective_parameters", b"effective_parameters", "model_id", b"model_id", "replica", b"replica", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
