@@ -23,7 +23,7 @@ from .channel import (
 )
 from .client import DEFAULT_TIMEOUT_S
 from .errors import PeftServeClientError
-from .requests import build_generate_request, build_tokenize_request
+from .requests import build_generate_request, build_tokenize_request, routing_metadata
 from .responses import (
     StreamAssembler,
     adapter_event_from_pb,
@@ -91,10 +91,13 @@ class AsyncPeftServeClient:
         if self._owns_channel:
             await self._channel.close()
 
-    def _call_kwargs(self, timeout_s: float | None) -> dict[str, Any]:
+    def _call_kwargs(self, timeout_s: float | None, adapter: str = "") -> dict[str, Any]:
+        # A call naming an adapter carries it as routing metadata too (adapter affinity on
+        # Ray Serve); the server refuses a call whose metadata and adapter field disagree.
+        metadata = self._metadata + routing_metadata(adapter)
         return {
             "timeout": timeout_s if timeout_s is not None else self.timeout_s,
-            "metadata": self._metadata or None,
+            "metadata": metadata or None,
         }
 
     async def generate(
@@ -107,7 +110,9 @@ class AsyncPeftServeClient:
         """Generate a whole response; see ``build_generate_request`` for the keywords."""
         request = build_generate_request(prompt, **options)
         try:
-            response = await self._stub.Generate(request, **self._call_kwargs(timeout_s))
+            response = await self._stub.Generate(
+                request, **self._call_kwargs(timeout_s, request.adapter)
+            )
         except grpc.RpcError as error:
             raise PeftServeClientError.from_rpc_error(error) from error
         return generation_output_from_pb(response)
@@ -126,7 +131,7 @@ class AsyncPeftServeClient:
         """
         request = build_generate_request(prompt, **options)
         assembler = StreamAssembler()
-        call = self._stub.StreamGenerate(request, **self._call_kwargs(timeout_s))
+        call = self._stub.StreamGenerate(request, **self._call_kwargs(timeout_s, request.adapter))
         try:
             async for message in call:
                 event = assembler.feed(message)
@@ -193,7 +198,7 @@ class AsyncPeftServeClient:
         """
         request = pb.LoadAdapterRequest(name=name, path=path, pinned=pinned)
         try:
-            response = await self._stub.LoadAdapter(request, **self._call_kwargs(timeout_s))
+            response = await self._stub.LoadAdapter(request, **self._call_kwargs(timeout_s, name))
         except grpc.RpcError as error:
             raise PeftServeClientError.from_rpc_error(error) from error
         return adapter_from_pb(response.adapter)

@@ -16,7 +16,7 @@ from peftserve.v1 import generation_pb2_grpc as pb_grpc
 
 from .channel import DEFAULT_TARGET, ChannelSettings, TLSOptions, auth_metadata, create_channel
 from .errors import PeftServeClientError
-from .requests import build_generate_request, build_tokenize_request
+from .requests import build_generate_request, build_tokenize_request, routing_metadata
 from .responses import (
     StreamAssembler,
     adapter_event_from_pb,
@@ -92,10 +92,13 @@ class PeftServeClient:
         if self._owns_channel:
             self._channel.close()
 
-    def _call_kwargs(self, timeout_s: float | None) -> dict[str, Any]:
+    def _call_kwargs(self, timeout_s: float | None, adapter: str = "") -> dict[str, Any]:
+        # A call naming an adapter carries it as routing metadata too (adapter affinity on
+        # Ray Serve); the server refuses a call whose metadata and adapter field disagree.
+        metadata = self._metadata + routing_metadata(adapter)
         return {
             "timeout": timeout_s if timeout_s is not None else self.timeout_s,
-            "metadata": self._metadata or None,
+            "metadata": metadata or None,
         }
 
     def generate(
@@ -108,7 +111,7 @@ class PeftServeClient:
         """Generate a whole response; see ``build_generate_request`` for the keywords."""
         request = build_generate_request(prompt, **options)
         try:
-            response = self._stub.Generate(request, **self._call_kwargs(timeout_s))
+            response = self._stub.Generate(request, **self._call_kwargs(timeout_s, request.adapter))
         except grpc.RpcError as error:
             raise PeftServeClientError.from_rpc_error(error) from error
         return generation_output_from_pb(response)
@@ -127,7 +130,7 @@ class PeftServeClient:
         """
         request = build_generate_request(prompt, **options)
         assembler = StreamAssembler()
-        call = self._stub.StreamGenerate(request, **self._call_kwargs(timeout_s))
+        call = self._stub.StreamGenerate(request, **self._call_kwargs(timeout_s, request.adapter))
         try:
             for message in call:
                 event = assembler.feed(message)
@@ -194,7 +197,7 @@ class PeftServeClient:
         """
         request = pb.LoadAdapterRequest(name=name, path=path, pinned=pinned)
         try:
-            response = self._stub.LoadAdapter(request, **self._call_kwargs(timeout_s))
+            response = self._stub.LoadAdapter(request, **self._call_kwargs(timeout_s, name))
         except grpc.RpcError as error:
             raise PeftServeClientError.from_rpc_error(error) from error
         return adapter_from_pb(response.adapter)

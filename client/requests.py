@@ -17,9 +17,16 @@ from .types import ChatMessage, ChatMessageLike
 
 __all__ = [
     "GENERATION_PARAMETER_NAMES",
+    "ROUTING_METADATA_KEY",
     "build_generate_request",
     "build_tokenize_request",
+    "routing_metadata",
 ]
+
+# Ray Serve routes a call to a replica that already holds the model named by this metadata key
+# (its model multiplexing); peftserve's Ray deployment makes the adapter that model id. A plain
+# server ignores it. Clients in other languages send it themselves: see docs/deploy.md.
+ROUTING_METADATA_KEY = "multiplexed_model_id"
 
 # The optional scalar fields of GenerationParameters, taken from the descriptor so a field added
 # to the contract is noticed by the contract tests rather than silently unreachable.
@@ -220,3 +227,9 @@ def _assign(setter: Any, value: Any, field_path: str) -> None:
         setter(value)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{field_path}: {error}") from error
+
+
+def routing_metadata(adapter: str) -> tuple[tuple[str, str], ...]:
+    """The metadata that routes a call naming ``adapter`` to a replica holding it (none for the
+    base model)."""
+    return ((ROUTING_METADATA_KEY, adapter),) if adapter else ()

@@ -50,9 +50,18 @@ function deadline(seconds) {
   return new Date(Date.now() + seconds * 1000);
 }
 
+// Ray Serve routes a call to a replica that already holds its adapter when the call carries
+// the adapter as `multiplexed_model_id` metadata (docs/deploy.md); a plain server ignores it.
+function routing(adapter) {
+  const metadata = new grpc.Metadata();
+  if (adapter) metadata.set('multiplexed_model_id', adapter);
+  return metadata;
+}
+
 function generate(client, request) {
   return new Promise((resolve, reject) => {
-    client.Generate(request, { deadline: deadline(60) }, (error, response) => {
+    const metadata = routing(request.adapter);
+    client.Generate(request, metadata, { deadline: deadline(60) }, (error, response) => {
       if (error) reject(error);
       else resolve(response);
     });
@@ -64,7 +73,9 @@ function streamGenerate(client, request) {
     const texts = new Map();
     let deltas = 0;
     let summary = null;
-    const call = client.StreamGenerate(request, { deadline: deadline(60) });
+    const call = client.StreamGenerate(request, routing(request.adapter), {
+      deadline: deadline(60),
+    });
     call.on('data', (message) => {
       if (message.event === 'delta') {
         deltas += 1;
