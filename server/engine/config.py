@@ -63,3 +63,7 @@ class EngineConfig:
     # Load a subdirectory of ``adapters_dir`` the first time a request names it. Off: a name
     # that is not loaded is NOT_FOUND, full stop.
     lazy_load_adapters: bool = False
+    # Load the adapters of ``adapters_dir`` at startup (up to ``max_loaded_adapters``). Off:
+    # only the pinned ones; the rest load on demand (with ``lazy_load_adapters``), as on a Ray
+    # Serve replica, which keeps just the adapters its traffic names.
+    preload_adapters: bool = True

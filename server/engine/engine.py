@@ -129,6 +129,7 @@ class Engine:
             config.adapters_dir,
             pinned=config.pinned_adapters,
             max_loaded=config.max_loaded_adapters,
+            preload=config.preload_adapters,
         )
         # Loads in progress by adapter name; requests and LoadAdapter calls await them.
         self._loads: dict[str, asyncio.Future[AdapterStatus]] = {}

@@ -220,6 +220,7 @@ class AdapterRegistry:
         adapters_dir: Path | None,
         pinned: Iterable[str] = (),
         max_loaded: int = 0,
+        preload: bool = True,
     ) -> None:
         self.base = base
         self.root = adapters_dir
@@ -231,16 +232,18 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._listeners: list[AdapterListener] = []
         if adapters_dir is not None:
-            self._load_all(adapters_dir, tuple(pinned))
+            self._load_all(adapters_dir, tuple(pinned), preload)
         elif pinned:
             raise ValueError("pinned adapters need an adapters directory")
 
-    def _load_all(self, adapters_dir: Path, pinned: tuple[str, ...]) -> None:
+    def _load_all(self, adapters_dir: Path, pinned: tuple[str, ...], preload: bool) -> None:
         candidates = sorted(p for p in adapters_dir.iterdir() if p.is_dir())
         candidates = [p for p in candidates if (p / CONFIG_FILE).is_file()]
         unknown = sorted(set(pinned) - {p.name for p in candidates})
         if unknown:
             raise ValueError(f"pinned adapters not found in {adapters_dir}: {', '.join(unknown)}")
+        if not preload:
+            candidates = [p for p in candidates if p.name in pinned]
         # Pinned adapters first, so a budget smaller than the directory never leaves them out.
         candidates.sort(key=lambda p: p.name not in pinned)
         infos: list[AdapterInfo] = []
