@@ -9,14 +9,14 @@ PROTO_OUT := client/generated
 PROTOS := $(wildcard protos/peftserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test check lint typecheck manifests protos bench soak clean
+.PHONY: install serve serve-ray test check lint typecheck manifests protos bench soak clean
 
 install: $(STAMP)
 
 # scripts/install.sh puts torch==2.13.0 in first and alone (here the local CPU wheel); the
 # container image (deploy/kubernetes/Containerfile) installs with the same script.
 $(STAMP): pyproject.toml scripts/install.sh
-	PYTHON=$(PYTHON) scripts/install.sh $(VENV) server,dev,bench
+	PYTHON=$(PYTHON) scripts/install.sh $(VENV) server,dev,bench,ray
 	touch $@
 
 $(NPM_STAMP): package.json examples/node/package-lock.json
@@ -26,6 +26,11 @@ $(NPM_STAMP): package.json examples/node/package-lock.json
 
 serve: $(STAMP)
 	$(PY) -m peftserve.server $(ARGS)
+
+# peftserve on Ray Serve: a local Ray head on 127.0.0.1, serve_ray/serve_config.yaml deployed,
+# the gRPC address printed; Ctrl-C drains and stops it (docs/deploy.md, "Ray Serve").
+serve-ray: $(STAMP)
+	$(PY) -m peftserve.ray $(ARGS)
 
 test: $(STAMP) $(NPM_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -43,7 +48,7 @@ lint: $(STAMP) $(NPM_STAMP)
 # link tree that mirrors the installed package layout.
 typecheck: $(STAMP)
 	$(PY) scripts/typecheck_tree.py .typecheck
-	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p peftserve.client -p peftserve.server
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p peftserve.client -p peftserve.server -p peftserve.ray
 
 # Render every overlay of deploy/kubernetes and validate it offline (needs kubectl).
 manifests: $(STAMP)

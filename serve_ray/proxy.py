@@ -1,0 +1,112 @@
+"""What peftserve adds to Ray Serve's gRPC proxy: the services, deadlines, and stream statuses.
+
+Ray's gRPC proxy calls the functions named in ``grpc_options.grpc_servicer_functions`` with its
+server, then routes each method of the services they register to the deployment method of the
+same name. Two gaps of the proxy (Ray 2.60) are closed here, in the proxy process:
+
+- It does not forward the caller's deadline. Each call gets the time the caller has left as
+  ``peftserve-timeout-ms`` metadata, so the replica's engine sees the deadline (queue
+  admission, DEADLINE_EXCEEDED, the finish reason) exactly as a plain server's does.
+- It copies a replica's status and trailers (``grpc-status-details-bin``) onto the call only
+  with a response message. A unary replica method returns an empty message with its status; a
+  streaming one ends with a zero-length "status carrier" message, which is dropped here, so
+  the caller sees the status with its ``google.rpc`` details and no stray message. An empty
+  message is never a valid stream message of the contract (exactly one event is set).
+
+Both ride on ``gRPCGenericServer.service_handler_factory`` (how the proxy builds its per-method
+handlers); without it (another Ray version) the services still register unchanged and only
+these two refinements are missing, which is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from peftserve.v1 import generation_pb2_grpc
+
+logger = logging.getLogger("peftserve.ray")
+
+# Milliseconds the caller still had when the proxy received the call; read by the replica.
+TIMEOUT_METADATA_KEY = "peftserve-timeout-ms"
+
+
+class _DeadlineForwardingContext:
+    """The proxy's view of a call, plus the caller's remaining time as metadata."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        metadata = [(k, v) for k, v in context.invocation_metadata() if k != TIMEOUT_METADATA_KEY]
+        remaining = context.time_remaining()
+        if remaining is not None:
+            metadata.append((TIMEOUT_METADATA_KEY, str(max(0, int(remaining * 1000)))))
+        self._metadata = tuple(metadata)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (peer, auth context, codes, trailers) is the real call's.
+        return getattr(self._context, name)
+
+
+def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
+    async def unary(request: Any, context: Any) -> Any:
+        return await handler(request, _DeadlineForwardingContext(context))
+
+    return unary
+
+
+def _server_stream(handler: Callable[..., AsyncIterator[bytes]]) -> Callable[..., Any]:
+    async def server_stream(request: Any, context: Any) -> AsyncIterator[bytes]:
+        async for message in handler(request, _DeadlineForwardingContext(context)):
+            if message:  # b"": the replica's status carrier, already applied to the call
+                yield message
+
+    return server_stream
+
+
+def _refine(server: Any, add_service: Callable[[Any, Any], None], servicer: Any) -> None:
+    factory = getattr(server, "service_handler_factory", None)
+    if factory is None:
+        logger.warning(
+            "this Ray version's gRPC proxy has no service_handler_factory: deadlines are not "
+            "forwarded and streams lose their google.rpc error details"
+        )
+        add_service(servicer, server)
+        return
+
+    def refined_factory(service_method: str, streaming_type: Any) -> Callable[..., Any]:
+        handler = factory(service_method=service_method, streaming_type=streaming_type)
+        kind = getattr(streaming_type, "value", streaming_type)
+        if kind == "unary_unary":
+            return _unary(handler)
+        if kind == "unary_stream":
+            return _server_stream(handler)
+        return handler  # the contract has no client or bidi streams
+
+    server.service_handler_factory = refined_factory
+    try:
+        add_service(servicer, server)
+    finally:
+        server.service_handler_factory = factory
+
+
+def add_generation_service(servicer: Any, server: grpc.aio.Server) -> None:
+    """``peftserve.v1.GenerationService`` on Ray's gRPC proxy (a grpc_servicer_functions entry)."""
+    _refine(server, generation_pb2_grpc.add_GenerationServiceServicer_to_server, servicer)
+
+
+def add_health_service(servicer: Any, server: grpc.aio.Server) -> None:
+    """``grpc.health.v1.Health`` on Ray's gRPC proxy, answered by a replica (its engine)."""
+    _refine(server, health_pb2_grpc.add_HealthServicer_to_server, servicer)
+
+
+# The Serve config's grpc_servicer_functions, in this order.
+SERVICER_FUNCTIONS: tuple[str, ...] = (
+    f"{__name__}.add_generation_service",
+    f"{__name__}.add_health_service",
+)

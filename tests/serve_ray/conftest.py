@@ -1,0 +1,82 @@
+"""One local Ray cluster on 127.0.0.1 for every Ray test: peftserve deployed with two replicas.
+
+The cluster belongs to the test process (``ray.init(address="local")``), so its teardown, or
+the process ending, stops every Ray process it started. It runs the shipped
+``serve_config.yaml`` with test ports and two fixed replicas.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+if importlib.util.find_spec("ray") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("ray is not installed: `make install` installs the [ray] extra")
+    pytest.skip(
+        "ray is not installed (`make install` installs the [ray] extra)", allow_module_level=True
+    )
+
+REPLICAS = 2
+# Per replica: a small adapter budget (the demo has three adapters), so eviction is reachable.
+MAX_LOADED_ADAPTERS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RayServe:
+    """The deployed application: its gRPC address and a handle for replica-side checks."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def engine_stats(self, adapter: str = "") -> dict[str, Any]:
+        """Load and adapters of a replica (one holding ``adapter`` when given)."""
+        from ray import serve
+
+        handle = serve.get_app_handle("peftserve").options(
+            method_name="engine_stats", multiplexed_model_id=adapter
+        )
+        return handle.remote().result(timeout_s=30)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def ray_serve() -> Iterator[RayServe]:
+    from peftserve.ray import local
+
+    local.start_head(num_cpus=REPLICAS + 2)
+    try:
+        config = local.with_overrides(
+            local.load_config(),
+            grpc_port=_free_port(),
+            http_port=_free_port(),
+            engine={"max_loaded_adapters": MAX_LOADED_ADAPTERS},
+            deployment={"num_replicas": REPLICAS},
+        )
+        yield RayServe(local.deploy(config))
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_channel(ray_serve: RayServe) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(ray_serve.address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def ray_stub(ray_channel: grpc.Channel) -> Any:
+    from peftserve.v1 import generation_pb2_grpc
+
+    return generation_pb2_grpc.GenerationServiceStub(ray_channel)
