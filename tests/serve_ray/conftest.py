@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,10 @@ if importlib.util.find_spec("ray") is None:
 REPLICAS = 2
 # Per replica: a small adapter budget (the demo has three adapters), so eviction is reachable.
 MAX_LOADED_ADAPTERS = 2
+# Copies of the demo's "upper" adapter, each named by one test only: a test that needs an
+# adapter held by exactly one replica uses its own (earlier tests may have loaded the demo's
+# adapters on both replicas).
+SOLO_ADAPTERS = ("solo-affinity", "solo-cancel", "solo-kill")
 
 
 def _free_port() -> int:
@@ -51,16 +56,22 @@ class RayServe:
 
 
 @pytest.fixture(scope="session")
-def ray_serve() -> Iterator[RayServe]:
+def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
     from peftserve.ray import local
 
+    from ..conftest import DEMO_ADAPTERS
+
+    adapters = tmp_path_factory.mktemp("ray") / "adapters"
+    shutil.copytree(DEMO_ADAPTERS, adapters)
+    for name in SOLO_ADAPTERS:
+        shutil.copytree(adapters / "upper", adapters / name)
     local.start_head(num_cpus=REPLICAS + 2)
     try:
         config = local.with_overrides(
             local.load_config(),
             grpc_port=_free_port(),
             http_port=_free_port(),
-            engine={"max_loaded_adapters": MAX_LOADED_ADAPTERS},
+            engine={"adapters_dir": str(adapters), "max_loaded_adapters": MAX_LOADED_ADAPTERS},
             deployment={"num_replicas": REPLICAS},
         )
         yield RayServe(local.deploy(config))

@@ -194,40 +194,44 @@ def test_health_reflection_and_the_per_replica_admin_rpcs(
 
 
 def test_adapter_affinity_and_the_per_replica_budget(ray_serve: RayServe) -> None:
+    adapter = "solo-affinity"  # named by no other test: one replica will hold it
     with PeftServeClient(ray_serve.address, timeout_s=60) as client:
-        holder = affine_replica(client, "reverse")
+        holder = affine_replica(client, adapter)
+        output = client.generate(PROMPT, adapter=adapter)
+        assert output.replica == holder and output.text == PROMPT.upper()
         # Ray's router asks the replica that holds the adapter; it has it loaded.
-        stats = ray_serve.engine_stats("reverse")
-        assert stats["replica"] == holder and "reverse" in stats["adapters"]
-        # LoadAdapter warms a replica through the same routing; idempotent on the holder.
-        assert client.load_adapter("reverse").name == "reverse"
-        for name in ("title", "upper"):
-            affine_replica(client, name)
-        # Three adapters, two per replica at most: no replica holds all three.
+        stats = ray_serve.engine_stats(adapter)
+        assert stats["replica"] == holder and adapter in stats["adapters"]
+        # LoadAdapter goes through the same routing: idempotent on the holder.
+        assert client.load_adapter(adapter).name == adapter
         for name in ("reverse", "title", "upper"):
+            client.generate(PROMPT, adapter=name, max_new_tokens=4)
+        # Four adapters used, two per replica at most: each replica evicted to stay in budget.
+        for name in ("reverse", "title", "upper", adapter):
             held = ray_serve.engine_stats(name)["adapters"]
             assert len(held) <= 2, held
 
 
 def test_cancel_and_deadline_free_the_replicas_rows(ray_serve: RayServe, ray_stub: Any) -> None:
+    adapter = "solo-cancel"
     with PeftServeClient(ray_serve.address, timeout_s=60) as client:
-        replica = affine_replica(client, "upper")
-    stream = ray_stub.StreamGenerate(long_request(480, "upper"), metadata=routed("upper"))
+        replica = affine_replica(client, adapter)
+    stream = ray_stub.StreamGenerate(long_request(480, adapter), metadata=routed(adapter))
     first = next(stream)
     assert first.WhichOneof("event") == "delta"
-    busy = ray_serve.engine_stats("upper")
+    busy = ray_serve.engine_stats(adapter)
     assert busy["replica"] == replica and busy["running"] == 1
     stream.cancel()
-    wait_until_idle(ray_serve, "upper", replica)
+    wait_until_idle(ray_serve, adapter, replica)
 
     # The proxy does not forward deadlines; peftserve's proxy hook sends the caller's as
     # metadata, so the engine ends the request at the deadline (finish reason or status).
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as expired:
-        ray_stub.Generate(long_request(480, "upper"), metadata=routed("upper"), timeout=0.5)
+        ray_stub.Generate(long_request(480, adapter), metadata=routed(adapter), timeout=0.5)
     assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 30
-    wait_until_idle(ray_serve, "upper", replica)
+    wait_until_idle(ray_serve, adapter, replica)
 
 
 def test_node_client_through_the_proxy(ray_serve: RayServe) -> None:
@@ -247,11 +251,11 @@ def test_a_replica_killed_under_load_fails_calls_cleanly(ray_serve: RayServe) ->
     import ray
 
     with PeftServeClient(ray_serve.address, timeout_s=60) as client:
-        victim = affine_replica(client, "title")
+        victim = affine_replica(client, "solo-kill")
 
         def call(index: int) -> str:
             # Half of the calls name the victim's adapter, so some are in flight on it.
-            adapter = "title" if index % 2 == 0 else ""
+            adapter = "solo-kill" if index % 2 == 0 else ""
             try:
                 if index % 4 < 2:
                     client.generate(PROMPT, adapter=adapter, max_new_tokens=400, min_new_tokens=400)
@@ -273,7 +277,7 @@ def test_a_replica_killed_under_load_fails_calls_cleanly(ray_serve: RayServe) ->
         end = time.monotonic() + 60
         while True:
             try:
-                output = client.generate(PROMPT, adapter="title", max_new_tokens=8)
+                output = client.generate(PROMPT, adapter="solo-kill", max_new_tokens=8)
                 break
             except PeftServeClientError:
                 if time.monotonic() > end:
