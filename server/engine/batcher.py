@@ -417,6 +417,7 @@ class Batcher:
                 r > cfg.max_batch_size
                 or r * (w + n) > cfg.max_batch_tokens
                 or w + n > self._context_length
+                or (key.length_limit and w + n - 1 > key.length_limit)
             ):
                 continue
             chosen.append(job)

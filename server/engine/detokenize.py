@@ -6,6 +6,12 @@ Two rules make streamed text trustworthy:
   tokens; decoding only the first gives U+FFFD. Like TGI and vLLM we decode a small window
   ``ids[prefix_offset:]`` and compare it with ``ids[prefix_offset:read_offset]``: new text is
   released only when the window no longer ends in U+FFFD (the character is complete).
+* With a byte-fallback tokenizer (sentencepiece style: ``<0xNN>`` tokens decoded by
+  ``ByteFallback``), a run of consecutive byte tokens is decoded as a whole, and a run that is
+  not valid UTF-8 becomes one U+FFFD per byte: a later byte token can turn text already
+  decoded (``<0xC3><0x9E>`` is "Þ", ``<0xC3><0x9E><0x9E>`` is three U+FFFD) into something
+  else. Text is therefore held back while the window ends in a byte token, and windows only
+  start after a closed run, so the released text is exactly ``decode`` of the ids.
 * Text at or after a stop sequence is never released. Released text is checked for a stop
   sequence and any suffix that could still grow into one is held back, so a stop sequence
   spanning several tokens is caught before any part of it leaves.
@@ -15,15 +21,37 @@ The final text is by construction the concatenation of every delta.
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+import re
+import weakref
+from typing import Any, Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_byte_ids_cache: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 
 
 class Decoder(Protocol):
     """The slice of a Hugging Face tokenizer this module needs."""
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def byte_fallback_ids(decoder: object) -> frozenset[int]:
+    """Ids of a byte-fallback tokenizer's ``<0xNN>`` tokens; empty for any other tokenizer."""
+    try:
+        return _byte_ids_cache[decoder]
+    except (KeyError, TypeError):
+        pass
+    ids: frozenset[int] = frozenset()
+    backend = getattr(decoder, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    get_vocab = getattr(decoder, "get_vocab", None)
+    if getattr(model, "byte_fallback", False) and callable(get_vocab):
+        ids = frozenset(i for token, i in get_vocab().items() if BYTE_TOKEN.fullmatch(token))
+    with contextlib.suppress(TypeError):  # not weak-referenceable: recomputed per stream
+        _byte_ids_cache[decoder] = ids
+    return ids
 
 
 def _held_back_length(text: str, stop_sequences: tuple[str, ...]) -> int:
@@ -49,6 +77,7 @@ class TextStream:
         self._decoder = decoder
         self._stops = tuple(s for s in stop_sequences if s)
         self._skip_special = skip_special_tokens
+        self._byte_ids = byte_fallback_ids(decoder)
         self._ids: list[int] = []
         # Window offsets as in TGI's ``decode_token``: text before ``read_offset`` is decoded.
         self._prefix_offset = 0
@@ -63,6 +92,8 @@ class TextStream:
 
     def _decode_new(self, flush: bool) -> str:
         """Text completed by the tokens since the last call (all of it when ``flush``)."""
+        if not flush and self._ids and self._ids[-1] in self._byte_ids:
+            return ""  # a byte run may still grow, and is decoded as a whole
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text) and (flush or not new_text.endswith(REPLACEMENT_CHAR)):

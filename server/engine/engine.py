@@ -30,6 +30,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from . import quirks
 from .batcher import Batcher, EngineStats, StepListener
 from .chat import ChatRenderer
 from .config import EngineConfig
@@ -138,9 +139,11 @@ class Engine:
         self._watches: set[asyncio.Queue[AdapterEvent | None]] = set()
 
         text_config = base.config.get_text_config()
-        context_length = int(
-            getattr(text_config, "max_position_embeddings", 0) or self._tokenizer.model_max_length
+        context_length = quirks.context_length(
+            base.config, getattr(self._tokenizer, "model_max_length", None)
         )
+        # LongRoPE: rows on both sides of its switch must never share a forward (quirks.py).
+        self._rope_switch = quirks.rope_switch(base.config)
         eos_ids = _as_ids(self._defaults.eos_token_id) or _as_ids(self._tokenizer.eos_token_id)
         pad_id = self._defaults.pad_token_id
         if pad_id is None:
@@ -306,10 +309,23 @@ class Engine:
             mixed = self._registry.mixed_group
             group, name = (mixed.peft_type, None) if mixed is not None else ("base", None)
         elif adapter.mixed_batching:
-            group, name = adapter.peft_type, None
+            group, name = adapter.group, None
         else:
-            group, name = adapter.peft_type, adapter.name
+            group, name = adapter.group, adapter.name
         e = prepared.effective
+        partition: tuple[int, ...] = ()
+        length_limit = 0
+        if adapter is not None and adapter.same_prompt_length:
+            # Prompt learning: only equal prompt lengths (no left padding) are batch-invariant.
+            group, name = adapter.group, adapter.name
+            partition = (len(prepared.prompt_ids),)
+        if self._rope_switch is not None:
+            side = quirks.batch_partition(
+                self._rope_switch, len(prepared.prompt_ids), e.max_new_tokens
+            )
+            partition += side
+            if side == (0,):
+                length_limit = self._rope_switch.threshold
         beam = (
             (
                 e.num_beams,
@@ -321,7 +337,7 @@ class Engine:
             if prepared.beams
             else None
         )
-        return BatchKey(group, name, beam)
+        return BatchKey(group, name, beam, partition, length_limit)
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -471,7 +487,7 @@ class Engine:
                 await self._detach(victim)
             root = self._adapters_root()
             info = await asyncio.to_thread(inspect_adapter, directory, name, root, "path")
-            await asyncio.wrap_future(
+            info = await asyncio.wrap_future(
                 self._batcher.run_between_batches(lambda: self._registry.attach(info))
             )
         except AdapterLoadError as error:

@@ -29,13 +29,17 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import torch
 from peft import PeftModel
+from transformers import GenerationConfig
 
+from . import mixing
 from .errors import AdapterLoadError, InvalidRequestError
+from .peft_guard import guard_models
 from .types import AdapterEvent, AdapterEventKind, AdapterInfo, AdapterState, AdapterStatus
 
 logger = logging.getLogger(__name__)
@@ -45,7 +49,10 @@ BASE_ROW_MARKER = "__base__"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 CONFIG_FILE = "adapter_config.json"
-MIXABLE_PEFT_TYPES = frozenset({"LORA"})
+# The group whose PeftModel serves mixed batches (and base rows next to them).
+MIXED_GROUP = "LORA"
+# Token ids of the load-time probes (taken modulo the vocabulary size).
+PROBE_IDS = (3, 5, 7, 11, 13)
 # Adapter names travel in requests, logs and metric labels: keep them short and plain.
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -155,11 +162,7 @@ def inspect_adapter(
     targets = config.get("target_modules") or ()
     target_modules = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
     rank = config.get("r")
-    mixable = (
-        peft_type in MIXABLE_PEFT_TYPES
-        and not config.get("use_dora", False)
-        and not config.get("alora_invocation_tokens")
-    )
+    rule = mixing.rule_for(config)
     return AdapterInfo(
         name=name,
         peft_type=peft_type,
@@ -167,8 +170,20 @@ def inspect_adapter(
         sha256=sha256_file(weights),
         rank=int(rank) if isinstance(rank, int) else None,
         target_modules=target_modules,
-        mixed_batching=mixable,
+        # Provisional: attach() probes it on the served model before it is ever used.
+        mixed_batching=rule.mixed,
+        group=f"{peft_type}:{name}" if rule.own_model else peft_type,
+        same_prompt_length=rule.same_prompt_length,
+        mixing=f"{rule.kind}: {rule.why}",
     )
+
+
+def _read_config(info: AdapterInfo) -> dict[str, Any]:
+    try:
+        config = json.loads((Path(info.path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterLoadError(info.name, f"cannot read {CONFIG_FILE}: {e}") from e
+    return config if isinstance(config, dict) else {}
 
 
 @dataclass
@@ -256,11 +271,11 @@ class AdapterRegistry:
                 infos.append(inspect_adapter(path, root=adapters_dir))
             except AdapterLoadError as e:
                 self._refuse(e, path.name)
-        for info in infos:
+        for candidate in infos:
             try:
-                self.attach(info)
+                info = self.attach(candidate)
             except AdapterLoadError as e:
-                self._refuse(e, info.name)
+                self._refuse(e, candidate.name)
             else:
                 self._entries[info.name] = _Entry(
                     info.name, info.name, AdapterState.READY, info.name in pinned, info
@@ -275,36 +290,145 @@ class AdapterRegistry:
         )
 
     # ---- model mutation: the engine runs these on its worker thread, between batches ----
-    def attach(self, info: AdapterInfo) -> None:
-        """Load ``info``'s weights into its type group (creating the group) and serve it."""
-        with self._lock:
-            group = self.groups.get(info.peft_type)
+    def attach(self, info: AdapterInfo) -> AdapterInfo:
+        """Load ``info``'s weights into its type group (creating the group) and serve it.
+
+        The adapter is first loaded into a scratch ``PeftModel`` of its own (a module tree over
+        the shared base tensors) and probed there, so a failing probe never touches a model
+        that serves requests: a prompt-learning adapter that ``generate`` cannot apply, or
+        ignores, is refused; a LoRA adapter the table calls mixable but whose per-row routing
+        does not hold on this model is served alone, in its own group. Returns the info as
+        served (group and ``mixed_batching`` final).
+        """
+        rule = mixing.rule_for(_read_config(info))
         try:
-            if group is None:
-                tree = share_weights_copy(self.base)
-                model = PeftModel.from_pretrained(
-                    tree, info.path, adapter_name=info.name, is_trainable=False
-                )
-                group = TypeGroup(peft_type=info.peft_type, model=model)
-            else:
-                group.model.load_adapter(info.path, adapter_name=info.name, is_trainable=False)
+            scratch: Any = PeftModel.from_pretrained(
+                share_weights_copy(self.base), info.path, adapter_name=info.name, is_trainable=False
+            )
         except Exception as e:  # peft raises many types; all mean "this adapter is unusable"
             raise AdapterLoadError(info.name, f"{type(e).__name__}: {e}") from e
         device = next(self.base.parameters()).device
-        group.model.to(device)
-        group.model.eval()
+        scratch.to(device)
+        scratch.eval()
+        if rule.probe_effect:
+            problem = self._probe_effect(scratch, info)
+            if problem:
+                raise AdapterLoadError(info.name, problem)
+        if info.mixed_batching:
+            problem = self._probe_mixed(scratch, info.name)
+            if problem:
+                logger.warning(
+                    "adapter %s: per-row routing fails on this model (%s); served alone",
+                    info.name,
+                    problem,
+                )
+                info = replace(
+                    info,
+                    mixed_batching=False,
+                    group=f"{info.peft_type}:{info.name}",
+                    mixing=f"{rule.kind}: probe failed on this model: {problem}",
+                )
+        elif info.peft_type == MIXED_GROUP and info.group == MIXED_GROUP:
+            # A LoRA adapter that is not mixed must not sit in the mixed group: during a mixed
+            # batch peft routes *every* LoRA layer of the model, its layers included.
+            info = replace(info, group=f"{info.peft_type}:{info.name}")
         with self._lock:
-            self.groups[info.peft_type] = group
+            group = self.groups.get(info.group)
+        if group is None:
+            group = TypeGroup(peft_type=info.peft_type, model=scratch)
+        else:
+            try:
+                group.model.load_adapter(info.path, adapter_name=info.name, is_trainable=False)
+            except Exception as e:
+                raise AdapterLoadError(
+                    info.name, f"conflicts with the adapters of group {info.group}: {e}"
+                ) from e
+            group.model.to(device)
+            group.model.eval()
+        with self._lock:
+            self.groups[info.group] = group
             group.adapters[info.name] = info
             self._by_name[info.name] = info
+        return info
+
+    def _probe_ids(self, rows: int) -> torch.Tensor:
+        base: Any = self.base  # a PreTrainedModel; its attributes confuse mypy
+        vocab = int(base.config.get_text_config().vocab_size)
+        device = next(self.base.parameters()).device
+        ids = [i % vocab for i in PROBE_IDS]
+        return torch.tensor([ids] * rows, dtype=torch.long, device=device)
+
+    def _probe_mixed(self, scratch: Any, name: str) -> str:
+        """Why a row routed by ``adapter_names`` differs from its solo forward ("" = it does not).
+
+        Two rows of the same tokens, one for the adapter and one for the base model, against
+        the adapter's own forward and the plain base model's.
+        """
+        ids = self._probe_ids(2)
+        try:
+            with torch.inference_mode(), guard_models([scratch]):
+                mixed = scratch(input_ids=ids, adapter_names=[name, BASE_ROW_MARKER]).logits
+                solo = scratch(input_ids=ids[:1]).logits
+                base = self.base(input_ids=ids[:1]).logits
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        delta = float((solo[0] - base[0]).abs().max())
+        scale = float(base.abs().max()) + 1.0
+        tolerance = 64 * torch.finfo(base.dtype).eps * scale + 0.05 * delta
+        errors = (float((mixed[0] - solo[0]).abs().max()), float((mixed[1] - base[0]).abs().max()))
+        if max(errors) > tolerance:
+            return f"mixed rows differ from solo rows by {max(errors):.3g} (> {tolerance:.3g})"
+        return ""
+
+    def _probe_effect(self, scratch: Any, info: AdapterInfo) -> str:
+        """Why ``generate`` cannot serve this adapter ("" = it can): it raises, or the adapter
+        leaves every logit as the base model's, up to rounding (silently ignored)."""
+        ids = self._probe_ids(1)
+        base: Any = self.base
+        model_type = base.config.model_type
+        settings = GenerationConfig(
+            max_new_tokens=2,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        mask = torch.ones_like(ids)
+        try:
+            with torch.inference_mode(), guard_models([scratch]):
+                kwargs = {"input_ids": ids, "attention_mask": mask, "generation_config": settings}
+                served = scratch.generate(**kwargs)
+                plain = base.generate(**kwargs)
+        except Exception as e:
+            return (
+                f"the pinned transformers/peft cannot run {info.peft_type} on "
+                f"{model_type} through generate: {type(e).__name__}: {e}"
+            )
+        # Numerically equal: an ignored prefix still changes the shapes, so the last bits move.
+        scale = max(float(b.abs().max()) for b in plain.logits) + 1.0
+        tolerance = 64 * torch.finfo(plain.logits[0].dtype).eps * scale
+        differences = [
+            float((a - b).abs().max()) for a, b in zip(served.logits, plain.logits, strict=False)
+        ]
+        if len(served.logits) == len(plain.logits) and max(differences) <= tolerance:
+            return (
+                f"generate ignores this {info.peft_type} adapter on {model_type} "
+                "with the pinned transformers/peft (its tokens would be the base model's)"
+            )
+        return ""
 
     def detach(self, name: str) -> None:
-        """Remove a loaded adapter's weights from its group (the group itself stays)."""
+        """Remove a loaded adapter's weights from its group (an own group goes with it)."""
         with self._lock:
             info = self._by_name.pop(name, None)
-            group = self.groups.get(info.peft_type) if info is not None else None
+            group = self.groups.get(info.group) if info is not None else None
             if group is not None:
                 group.adapters.pop(name, None)
+                if info is not None and info.group != info.peft_type:
+                    # A model of its own: nothing else lives in it.
+                    del self.groups[info.group]
+                    return
         if group is not None and name in group.model.peft_config:
             # An emptied group keeps its PeftModel: base rows of batches keyed to it before it
             # emptied still run there (no adapter = base output), and a later load reuses it.
@@ -446,7 +570,7 @@ class AdapterRegistry:
     def mixed_group(self) -> TypeGroup | None:
         """The group whose model serves mixed batches (and base rows), if any."""
         with self._lock:
-            group = self.groups.get("LORA")
+            group = self.groups.get(MIXED_GROUP)
             if group is None or not any(a.mixed_batching for a in group.adapters.values()):
                 return None
             return group

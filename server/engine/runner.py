@@ -40,6 +40,12 @@ class BatchKey:
     adapter: str | None  # set for adapters that cannot be mixed: the batch runs it alone
     # (num_beams, num_return_sequences, length_penalty, early_stopping, max_new_tokens)
     beam: tuple[int, int, float, bool, int] | None = None
+    # Rows whose output depends on their neighbours apart (see mixing.py and quirks.py):
+    # the prompt length for prompt-learning adapters, the LongRoPE side of the call.
+    partition: tuple[int, ...] = ()
+    # > 0: the batch's longest prompt + largest max_new_tokens - 1 must not exceed it (the
+    # positions a LongRoPE batch may reach before transformers switches its RoPE factors).
+    length_limit: int = 0
 
 
 @dataclass

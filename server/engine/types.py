@@ -226,6 +226,13 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     # Whether rows of this adapter can share a batch with other adapters (peft adapter_names).
     mixed_batching: bool
+    # The type group (one PeftModel) serving it: the PEFT type, or "<TYPE>:<name>" for an
+    # adapter that needs a model of its own (see mixing.py).
+    group: str = ""
+    # Its requests batch together only when their prompts have the same length.
+    same_prompt_length: bool = False
+    # The mixing table's row and reason (see mixing.py), for logs and docs.
+    mixing: str = ""
 
 
 @dataclass(frozen=True)
