@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import pytest
 from peftserve.server.demo_tokenizer import EOS_ID, build_tokenizer
 from peftserve.server.engine.detokenize import TextStream
@@ -72,3 +75,47 @@ def test_skip_special_tokens(skip: bool) -> None:
     deltas, stream = stream_all([*ids("hi"), EOS_ID], skip=skip)
     assert stream.text == ("hi" if skip else "hi</s>")
     assert "".join(deltas) == stream.text
+
+
+# ---- sentencepiece-style byte fallback (<0xNN> tokens decoded by ByteFallback) ----
+
+
+def _byte_fallback_tokenizer() -> Any:
+    from ..families.models import build_tokenizer as build_family_tokenizer
+
+    return build_family_tokenizer("sp")
+
+
+def test_byte_fallback_runs_that_are_not_utf8_decode_as_tokenizer_decode() -> None:
+    tok = _byte_fallback_tokenizer()
+    byte = {b: tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    word = tok("fox", add_special_tokens=False)["input_ids"]
+    # <0xC3><0x9E> is "Þ", but a third byte makes the whole run invalid: three U+FFFD.
+    for tokens in (
+        [byte[0xC3], byte[0x9E], byte[0x9E], *word],
+        [*word, byte[0xE2], byte[0x6D], *word, byte[0xC3]],
+        [byte[0xF0], byte[0x9F], byte[0x99], byte[0x82], *word],  # a valid 4-byte emoji
+    ):
+        for skip in (True, False):
+            stream = TextStream(tok, (), skip)
+            deltas = [stream.push(t) for t in tokens] + [stream.finish()]
+            assert "".join(deltas) == stream.text == tok.decode(tokens, skip_special_tokens=skip)
+
+
+def test_random_byte_fallback_sequences_equal_decode() -> None:
+    tok = _byte_fallback_tokenizer()
+    rng = random.Random(7)
+    vocab = len(tok)
+    byte_ids = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)]
+    for _ in range(300):
+        tokens = [
+            rng.choice(byte_ids) if rng.random() < 0.6 else rng.randrange(vocab)
+            for _ in range(rng.randrange(1, 16))
+        ]
+        skip = rng.random() < 0.5
+        stream = TextStream(tok, (), skip)
+        deltas = [stream.push(t) for t in tokens] + [stream.finish()]
+        assert "".join(deltas) == stream.text == tok.decode(tokens, skip_special_tokens=skip), (
+            tokens,
+            skip,
+        )
