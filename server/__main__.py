@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .app import create_server
 from .config import ServerConfig, config_from_args
-from .logs import configure_logging
+from .logs import configure_logging, stdout_line
 
 logger = logging.getLogger("peftserve.server")
 
@@ -34,7 +34,8 @@ async def serve(config: ServerConfig) -> int:
     if ready.done():
         host = config.address.rsplit(":", 1)[0]
         # Printed on stdout so scripts and tests can wait for it.
-        print(f"peftserve ready on {host}:{port}", flush=True)
+        line = stdout_line(config.log_format, f"peftserve ready on {host}:{port}", port=port)
+        print(line, flush=True)
     await stopping
     ready.cancel()
     logger.info("signal received; shutting down")

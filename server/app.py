@@ -23,6 +23,7 @@ from .config import ServerConfig, validate_security
 from .engine.engine import Engine
 from .engine.errors import EngineUnavailableError
 from .interceptor import ErrorMappingInterceptor, RequestObserver
+from .logs import install_grpc_log_filter
 
 if TYPE_CHECKING:
     from .metrics import ServerMetrics
@@ -45,6 +46,7 @@ class PeftServeServer:
         problems = validate_security(config)
         if problems:
             raise ValueError("; ".join(problems))
+        install_grpc_log_filter()
         self.health = health.aio.HealthServicer()
         self.metrics: ServerMetrics | None = None
         if config.metrics_address:
@@ -181,7 +183,9 @@ def _interceptors(
     plaintext = config.tls_cert_file is None and not _is_loopback(config.address)
     if (tokens or admin_tokens) and plaintext:
         logger.warning("bearer tokens are enabled without TLS: they cross the network in clear")
-    interceptors.append(ErrorMappingInterceptor(f"/{SERVICE_NAME}/", observer))
+    interceptors.append(
+        ErrorMappingInterceptor(f"/{SERVICE_NAME}/", observer, config.stream_stall_timeout_s)
+    )
     return interceptors
 
 

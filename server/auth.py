@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from .errors import reason_status
+from .logs import RateLimit
 
 __all__ = [
     "AUTH_TOKENS_ENV",
@@ -44,6 +45,9 @@ _RECOMMENDED_MIN_TOKEN_CHARS = 32
 # Rejections share the per-request log line's logger and shape (see interceptor.py).
 request_logger = logging.getLogger("peftserve.requests")
 logger = logging.getLogger("peftserve.auth")
+# A flood of bad tokens must not become a flood of log lines: at most this many rejection
+# lines a second; the next line written says how many were held back.
+REJECTION_LINES = RateLimit(burst=20, interval_s=1.0)
 
 
 class AuthenticationError(Exception):
@@ -164,15 +168,17 @@ def _rejecting_handler(
     status = rejection.status()
 
     async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
-        request_logger.info(
-            "request",
-            extra={
+        suppressed = REJECTION_LINES.allow()
+        if suppressed is not None:
+            extra: dict[str, object] = {
                 "rpc": method.rsplit("/", 1)[-1],
                 "status": rejection.code.name,
                 "reason": rejection.reason,
                 "peer": context.peer(),
-            },
-        )
+            }
+            if suppressed:
+                extra["suppressed"] = suppressed
+            request_logger.info("request", extra=extra)
         await context.abort_with_status(status)
 
     # No request deserializer: an unauthenticated caller's bytes are never parsed.

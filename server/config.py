@@ -47,6 +47,9 @@ class ServerConfig:
     # and re-resolve the target, so replicas added by scale-up get calls from long-lived
     # clients too. In-flight calls on the old connection finish normally.
     max_connection_age_s: float = 0.0
+    # A streamed message whose write has not completed after this long (the caller stopped
+    # reading) cancels the stream and frees its output; 0 = never.
+    stream_stall_timeout_s: float = 60.0
     log_level: str = "INFO"
     log_format: str = "text"  # "text" | "json"
     # TLS (PEM files). No certificate = plaintext: fine on loopback, see SECURITY.md otherwise.
@@ -147,6 +150,23 @@ _OPTIONS: tuple[_Option, ...] = (
         "max_connection_age_s",
         "close client connections after this many seconds (GOAWAY) so clients re-resolve and "
         "reach new replicas; in-flight calls finish (0 = never)",
+    ),
+    _Option(
+        "server",
+        "stream_stall_timeout_s",
+        "cancel a stream whose next message has waited this long for the caller to read it "
+        "(0 = never)",
+    ),
+    _Option(
+        "engine",
+        "max_stream_buffered_tokens",
+        "generated tokens a stream may hold unread before the request is stopped "
+        "(RESOURCE_EXHAUSTED SLOW_CONSUMER; 0 = unbounded)",
+    ),
+    _Option(
+        "engine",
+        "max_watch_buffered_events",
+        "adapter changes a WatchAdapters caller may leave unread before it is dropped",
     ),
     _Option("server", "log_level", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     _Option("server", "log_format", "log line format", choices=("text", "json")),
@@ -340,6 +360,12 @@ def validate_config(config: ServerConfig) -> list[str]:
         problems.append("--shutdown-grace-s must be >= 0")
     if config.max_connection_age_s < 0:
         problems.append("--max-connection-age-s must be >= 0")
+    if config.stream_stall_timeout_s < 0:
+        problems.append("--stream-stall-timeout-s must be >= 0")
+    if engine.max_stream_buffered_tokens < 0:
+        problems.append("--max-stream-buffered-tokens must be >= 0")
+    if engine.max_watch_buffered_events < 1:
+        problems.append("--max-watch-buffered-events must be >= 1")
     if engine.max_loaded_adapters < 0:
         problems.append("--max-loaded-adapters must be >= 0")
     elif 0 < engine.max_loaded_adapters < len(engine.pinned_adapters):

@@ -25,13 +25,28 @@ from .engine.errors import (
     ConstraintTimeoutError,
     DeadlineExceededError,
     EngineUnavailableError,
+    FieldViolation,
     InvalidRequestError,
     PeftServeError,
     QueueFullError,
     RequestCancelledError,
+    SlowConsumerError,
 )
 
 ERROR_DOMAIN = "peftserve.v1"
+
+
+class MalformedMessageError(InvalidRequestError):
+    """The request bytes are not a valid protobuf message of the method's request type
+    (corrupt wire format, invalid UTF-8 in a string field): INVALID_ARGUMENT."""
+
+    reason = "MALFORMED_MESSAGE"
+
+    def __init__(self, problem: str) -> None:
+        # The field path is empty: the message as a whole could not be read.
+        super().__init__([FieldViolation("", f"the request message is not valid: {problem}")])
+        self.message = f"the request message is not valid: {problem}"
+
 
 # Most specific first: subclasses precede their bases.
 _CODES: tuple[tuple[type[PeftServeError], grpc.StatusCode], ...] = (
@@ -48,6 +63,7 @@ _CODES: tuple[tuple[type[PeftServeError], grpc.StatusCode], ...] = (
     (AdapterBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ConstraintTimeoutError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ChatTemplateMissingError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SlowConsumerError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

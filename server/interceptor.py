@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .engine.errors import PeftServeError
-from .errors import internal_status, status_code_for, to_grpc_status
+from .errors import MalformedMessageError, internal_status, status_code_for, to_grpc_status
 
 logger = logging.getLogger("peftserve.requests")
 
@@ -104,9 +105,15 @@ def _status_name(error: BaseException) -> str:
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every peftserve handler (health and reflection pass through untouched)."""
 
-    def __init__(self, service_prefix: str, observer: RequestObserver | None = None) -> None:
+    def __init__(
+        self,
+        service_prefix: str,
+        observer: RequestObserver | None = None,
+        stream_stall_timeout_s: float = 0.0,
+    ) -> None:
         self._prefix = service_prefix
         self._observer = observer
+        self._stall_timeout_s = stream_stall_timeout_s
 
     async def intercept_service(
         self,
@@ -118,19 +125,53 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(self._prefix):
             return handler
         short_name = method.rsplit("/", 1)[-1]
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, short_name, self._observer),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, short_name, self._observer),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(
+                    handler.unary_stream, short_name, self._observer, self._stall_timeout_s
+                ),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the wrapper turns it into an error."""
+
+    problem: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns ``_Malformed`` instead of raising.
+
+    grpc calls it before any handler runs; a ``DecodeError`` raised here became UNKNOWN with
+    the Python class name, an ERROR traceback, and no request log line or metric.
+    """
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            # protobuf's text names the message type and the problem, never the caller's bytes.
+            return _Malformed(str(error))
+
+    return deserialize
+
+
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, _Malformed):
+        raise MalformedMessageError(request.problem)
 
 
 def _reset(token: contextvars.Token[RequestRecord | None]) -> None:
@@ -151,7 +192,9 @@ async def _rpc_scope(
     status = "OK"
     try:
         yield
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):
+        # GeneratorExit: a stream whose caller left while a write was pending is closed by
+        # grpc (or the garbage collector) at its yield; nothing was sent after that.
         status = grpc.StatusCode.CANCELLED.name
         raise
     except grpc.aio.AbortError:
@@ -159,6 +202,8 @@ async def _rpc_scope(
         raise
     except Exception as error:
         status = _status_name(error)
+        if isinstance(error, PeftServeError):
+            entry.extra.setdefault("reason", error.reason)
         await _abort(context, error, entry)
     finally:
         _log(entry, status, entry.started_s)
@@ -172,17 +217,47 @@ def _wrap_unary(
 ) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _rpc_scope(method, context, observer):
+            _check_parsed(request)
             return await behavior(request, context)
 
     return wrapper
 
 
 def _wrap_stream(
-    behavior: Callable[..., AsyncIterator[Any]], method: str, observer: RequestObserver | None
+    behavior: Callable[..., AsyncIterator[Any]],
+    method: str,
+    observer: RequestObserver | None,
+    stall_timeout_s: float = 0.0,
 ) -> Callable[..., Any]:
+    """Stream wrapper; a message whose write has not completed within ``stall_timeout_s``
+    (the caller stopped reading, perhaps while still answering keepalive pings) cancels the
+    call, so the output it holds is freed. 0 = no limit."""
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _rpc_scope(method, context, observer):
+            _check_parsed(request)
+            task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            entry = record()
+
+            def stalled() -> None:
+                entry.extra["reason"] = "STREAM_STALLED"
+                logger.warning(
+                    "cancelling %s (request_id %s): a message has waited %.0fs for the caller "
+                    "to read it",
+                    method,
+                    entry.request_id,
+                    stall_timeout_s,
+                )
+                if task is not None:
+                    task.cancel()
+
             async for response in behavior(request, context):
-                yield response
+                timer = loop.call_later(stall_timeout_s, stalled) if stall_timeout_s > 0 else None
+                try:
+                    yield response
+                finally:
+                    if timer is not None:
+                        timer.cancel()
 
     return wrapper

@@ -133,7 +133,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             for status in watch.snapshot:
                 yield convert.existing_adapter_event(status)
             yield pb.WatchAdaptersResponse(kind=pb.ADAPTER_EVENT_KIND_SYNCED)
-            while (event := await watch.events.get()) is not None:
+            while (event := await watch.next_event()) is not None:
                 yield convert.adapter_event(event)
 
 

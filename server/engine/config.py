@@ -67,3 +67,8 @@ class EngineConfig:
     # only the pinned ones; the rest load on demand (with ``lazy_load_adapters``), as on a Ray
     # Serve replica, which keeps just the adapters its traffic names.
     preload_adapters: bool = True
+    # Output a stream's caller has not taken yet, in tokens: beyond it the request is stopped
+    # with SlowConsumerError and its buffered output freed (a stream nobody reads held ~2 MB).
+    max_stream_buffered_tokens: int = 256
+    # Adapter changes queued for one WatchAdapters caller; beyond it the watcher is dropped.
+    max_watch_buffered_events: int = 256

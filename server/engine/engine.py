@@ -241,15 +241,30 @@ class Engine:
     def watch_adapters(self) -> Iterator[AdapterWatch]:
         """A snapshot of every known adapter and an asyncio queue of the changes after it.
 
-        Call on the loop thread. The queue is unbounded on purpose: adapter changes are rare
-        admin actions, and a bounded queue would have to drop changes, which a watcher could
-        never notice. ``None`` in the queue means the engine is draining or stopping: the watch
-        is over. Leaving the ``with`` block stops the feed.
+        Call on the loop thread. The queue is bounded (``max_watch_buffered_events``): a
+        watcher that falls that far behind is dropped (its queue emptied, ``next_event`` raises
+        ``SlowConsumerError``) rather than silently missing changes or holding memory without
+        bound. ``None`` in the queue means the watch is over. Leaving the ``with`` block stops
+        the feed.
         """
         loop = asyncio.get_running_loop()
+        limit = self._config.max_watch_buffered_events
         events: asyncio.Queue[AdapterEvent | None] = asyncio.Queue()
+        watch = AdapterWatch((), events)
         if self._draining:
             events.put_nowait(None)
+
+        def put(event: AdapterEvent) -> None:
+            if watch.dropped:
+                return
+            if events.qsize() >= limit:
+                watch.dropped = True
+                while not events.empty():
+                    events.get_nowait()
+                events.put_nowait(None)
+                logger.warning("dropped an adapter watcher %d changes behind", limit)
+                return
+            events.put_nowait(event)
 
         def feed(event: AdapterEvent) -> None:
             # Changes are made on the loop today; a thread-safe hand-off keeps a change made
@@ -259,16 +274,17 @@ class Engine:
             except RuntimeError:
                 on_loop = False
             if on_loop:
-                events.put_nowait(event)
+                put(event)
             else:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                loop.call_soon_threadsafe(put, event)
 
         # Subscribe, then snapshot, with nothing in between that could yield to the loop:
         # every change after the snapshot is in the queue, none before it.
         unsubscribe = self._registry.subscribe(feed)
+        watch.snapshot = tuple(self._registry.statuses())
         self._watches.add(events)
         try:
-            yield AdapterWatch(tuple(self._registry.statuses()), events)
+            yield watch
         finally:
             self._watches.discard(events)
             unsubscribe()
@@ -401,7 +417,13 @@ class Engine:
             raise AdapterNotFoundError(prepared.adapter.name, self._registry.names())
         batcher = self._batcher
         holder: list[Job] = []
-        handle = RequestHandle(request.request_id, stream, loop, lambda: batcher.cancel(holder[0]))
+        handle = RequestHandle(
+            request.request_id,
+            stream,
+            loop,
+            lambda: batcher.cancel(holder[0]),
+            self._config.max_stream_buffered_tokens,
+        )
         job = Job(prepared, handle, loop)
         holder.append(job)
         batcher.admit(job)

@@ -163,3 +163,11 @@ class ChatTemplateMissingError(PeftServeError):
             f"{field}: the served model has no chat template in its directory; send text or "
             "token_ids instead"
         )
+
+
+class SlowConsumerError(PeftServeError):
+    """A stream's caller reads too slowly: its undelivered output (tokens of a generation
+    stream, or changes of an adapter watch) passed its bound, so the server stopped the stream
+    and freed what it held (gRPC RESOURCE_EXHAUSTED). A watcher should watch again."""
+
+    reason = "SLOW_CONSUMER"

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
+from .errors import SlowConsumerError
 from .types import GenerationResult, SequenceResult, TokenEvent
 
 if TYPE_CHECKING:
@@ -28,17 +29,44 @@ class RequestHandle:
         stream: bool,
         loop: asyncio.AbstractEventLoop,
         on_cancel: Callable[[], None],
+        max_buffered_tokens: int = 0,
     ) -> None:
         self.request_id = request_id
         self.stream = stream
         self._on_cancel = on_cancel
         self._future: asyncio.Future[GenerationResult] = loop.create_future()
         self._events: asyncio.Queue[TokenEvent | None] | None = asyncio.Queue() if stream else None
+        # Tokens delivered to the queue and not yet taken by the consumer; 0 = unbounded.
+        self._max_buffered = max_buffered_tokens
+        self._buffered = 0
 
     # -- called on the loop thread only (directly or via call_soon_threadsafe) --
     def _deliver(self, event: TokenEvent) -> None:
-        if self._events is not None:
-            self._events.put_nowait(event)
+        if self._events is None or self._future.done():
+            return
+        self._buffered += max(1, len(event.token_ids))
+        if self._max_buffered and self._buffered > self._max_buffered:
+            self._drop_slow_consumer()
+            return
+        self._events.put_nowait(event)
+
+    def _drop_slow_consumer(self) -> None:
+        """The consumer fell too far behind: free its output, stop the request, end the stream
+        with SlowConsumerError (seen when the consumer next reads)."""
+        assert self._events is not None
+        while not self._events.empty():
+            self._events.get_nowait()
+        self._buffered = 0
+        self._resolve(
+            SlowConsumerError(
+                f"request {self.request_id!r}: more than {self._max_buffered} generated tokens "
+                "were waiting for the client to read them; the request was stopped"
+            )
+        )
+        self._on_cancel()
+
+    def _taken(self, event: TokenEvent) -> None:
+        self._buffered = max(0, self._buffered - max(1, len(event.token_ids)))
 
     def _resolve(self, outcome: GenerationResult | BaseException) -> None:
         if self._future.done():
@@ -69,6 +97,7 @@ class RequestHandle:
             event = await events.get()
             if event is None:
                 break
+            self._taken(event)
             yield event
         error = self._future.exception()
         if error is not None:
@@ -92,12 +121,14 @@ class RequestHandle:
             event = await events.get()
             if event is None:
                 break
+            self._taken(event)
             batch = [event]
             while not events.empty():
                 waiting = events.get_nowait()
                 if waiting is None:
                     ended = True
                     break
+                self._taken(waiting)
                 batch.append(waiting)
             yield batch
         error = self._future.exception()

@@ -11,6 +11,8 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 
+from .errors import SlowConsumerError
+
 
 class FinishReason(enum.Enum):
     """Why a returned sequence stopped growing."""
@@ -322,13 +324,25 @@ class AdapterEvent:
     status: AdapterStatus
 
 
-@dataclass(frozen=True)
+@dataclass
 class AdapterWatch:
     """One watcher's view: every adapter known when it started, then each change after that.
 
-    ``events`` is the watcher's own queue, fed on the event loop until the watch ends; a
-    ``None`` in it means the engine is draining or stopping and no more changes will come.
+    ``events`` is the watcher's own bounded queue, fed on the event loop until the watch ends;
+    a ``None`` in it means the engine is draining or stopping and no more changes will come,
+    or (``dropped``) that the watcher fell too far behind: ``next_event`` then raises.
     """
 
     snapshot: tuple[AdapterStatus, ...]
     events: asyncio.Queue[AdapterEvent | None]
+    dropped: bool = False
+
+    async def next_event(self) -> AdapterEvent | None:
+        """The next change; None once the watch is over; SlowConsumerError if dropped."""
+        event = await self.events.get()
+        if event is None and self.dropped:
+            raise SlowConsumerError(
+                "this watcher fell too far behind the adapter changes and was dropped; "
+                "watch again for a fresh snapshot"
+            )
+        return event

@@ -131,7 +131,7 @@ def start_subprocess(*args: str) -> tuple[subprocess.Popen[str], str]:
     )
     assert process.stdout is not None
     line = process.stdout.readline()
-    match = re.search(r"ready on (\S+)", line)
+    match = re.search(r'ready on ([^\s"]+)', line)
     if match is None:
         process.kill()
         raise AssertionError(
