@@ -272,6 +272,13 @@ def cell_record(
         used = getattr(cpu, f"{side}_cpu_s", None) if cpu is not None else None
         metrics[f"{side}_cpu_s"] = used
         metrics[f"{side}_cores_busy"] = used / result.wall_s if used is not None else None
+    # Tokens per CPU-second of the process that ran the model (the server, or this process for
+    # the in-process baseline): on a shared machine a cell may get less than the one core it
+    # could use, and this normalisation is the cross-check that is insensitive to that.
+    model_cpu_s = metrics["server_cpu_s"] if cpu and cpu.server_pid else metrics["client_cpu_s"]
+    metrics["output_tokens_per_cpu_s"] = (
+        metrics["output_tokens"] / model_cpu_s if model_cpu_s else None
+    )
     metrics["load_average_1m"] = round(os.getloadavg()[0], 2)
     steps = result.steps
     metrics["queue_wait_steps"] = None

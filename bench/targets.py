@@ -25,6 +25,9 @@ class Measured:
     value: float
     detail: str
     cells: tuple[str, ...] = ()
+    # The same ratio over tokens per CPU-second of the model process: a cross-check for a
+    # shared machine, where a cell may get less CPU than its partner.
+    per_cpu_value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,16 @@ def throughput_ratio(
         a, b = find_cell(cells, **num(results)), find_cell(cells, **den(results))
         if a is None or b is None or _tokens_per_s(b) <= 0 or a["metrics"]["ok"] == 0:
             return None
+        per_cpu = None
+        cpu_a = a["metrics"].get("output_tokens_per_cpu_s")
+        cpu_b = b["metrics"].get("output_tokens_per_cpu_s")
+        if cpu_a and cpu_b:
+            per_cpu = cpu_a / cpu_b
         return Measured(
             _tokens_per_s(a) / _tokens_per_s(b),
             f"{_tokens_per_s(a):,.1f} / {_tokens_per_s(b):,.1f} output tok/s",
             (a["id"], b["id"]),
+            per_cpu,
         )
 
     return measure
@@ -271,6 +280,7 @@ def evaluate(results: Results, targets: Sequence[Target] = TARGETS) -> list[dict
                 "unit": target.unit,
                 "informational": target.informational,
                 "value": None if measured is None else measured.value,
+                "per_cpu_value": None if measured is None else measured.per_cpu_value,
                 "met": None if measured is None else target.met(measured.value),
                 "detail": "" if measured is None else measured.detail,
                 "cells": [] if measured is None else list(measured.cells),

@@ -51,8 +51,14 @@ def test_ratio_targets_are_met_or_missed_by_their_bound() -> None:
         _cell("unary", 1000.0),
         _cell("stream", 850.0, stream=True),  # 0.85 < 0.9: missed
         _cell("single", 1000.0, adapter_mix="single"),  # mixed / single = 1.0: met
-        _cell("base-64", 3000.0, adapter_mix="base"),
-        _cell("ts-64", 1000.0, system="transformers-serve", adapter_mix="base"),
+        _cell("base-64", 3000.0, adapter_mix="base", metrics={"output_tokens_per_cpu_s": 900.0}),
+        _cell(
+            "ts-64",
+            1000.0,
+            system="transformers-serve",
+            adapter_mix="base",
+            metrics={"output_tokens_per_cpu_s": 600.0},
+        ),
         _cell("base-1", 110.0, adapter_mix="base", concurrency=1),
         _cell("ts-1", 100.0, system="transformers-serve", adapter_mix="base", concurrency=1),
     ]
@@ -63,6 +69,9 @@ def test_ratio_targets_are_met_or_missed_by_their_bound() -> None:
     assert rows["vs transformers serve, 64 clients"]["value"] == pytest.approx(3.0)
     assert rows["vs transformers serve, 64 clients"]["met"] is True
     assert rows["vs transformers serve, 64 clients"]["cells"] == ["base-64", "ts-64"]
+    # The CPU-normalised cross-check, where both cells recorded their CPU time.
+    assert rows["vs transformers serve, 64 clients"]["per_cpu_value"] == pytest.approx(1.5)
+    assert rows["StreamGenerate vs Generate"]["per_cpu_value"] is None
     assert rows["vs transformers serve, 1 client"]["value"] == pytest.approx(1.1)
     assert rows["vs transformers serve, 1 client"]["met"] is False
     # Nothing measured the natural workload: not measured, neither met nor missed.
