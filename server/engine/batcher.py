@@ -16,6 +16,10 @@ What splits batches (``BatchKey``), and why - nothing else does:
   the call's length limit, so beam requests batch only with the same beam configuration
   and ``max_new_tokens``.
 
+* rows whose output depends on their neighbours (``BatchKey.partition``): prompt-learning
+  adapters batch only with prompts of the same length, and LongRoPE models never mix rows on
+  both sides of the RoPE switch (see ``mixing.py`` and ``quirks.py``).
+
 Sampling parameters, seeds, ``num_return_sequences`` without beams, stop sequences, EOS,
 ``max_new_tokens``, penalties, bad words and logprobs are all per row (see ``rows.py``).
 """

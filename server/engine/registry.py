@@ -6,10 +6,12 @@ of the base weights, so every group wraps its own *module tree* whose parameters
 are the very tensors of the base model (a ``deepcopy`` whose memo maps each tensor to itself;
 ``shares_base_weights`` checks it by ``data_ptr``).
 
-Why ``mixed_batching``: peft's ``adapter_names=`` routes each row of a batch through its own
-adapter. It was measured to give rows identical to solo runs for plain LoRA (including
-"__base__" rows), while for IA3 it is silently ignored. Only plain LoRA adapters (no DoRA,
-no aLoRA) are therefore mixed in one batch; every other adapter runs in batches of its own.
+Why ``mixed_batching`` and the groups: peft's ``adapter_names=`` routes each row of a batch
+through its own adapter, but only for some adapter kinds and only where every LoRA layer of the
+model sees one input row per batch row. ``mixing.py`` holds the table (decided by
+``tests/families``); ``attach`` applies it and probes the served model (see its docstring), so
+an adapter is mixed only where mixing was shown to equal solo runs. Adapters that cannot share
+a model with others (``modules_to_save``, DoRA, failed probes) get a ``PeftModel`` of their own.
 
 Lifecycle: besides the loaded adapters the registry keeps one ``_Entry`` per known adapter
 (state, pin, in-flight count, last use) for ``Engine.load_adapter``/``unload_adapter``. Only

@@ -7,6 +7,7 @@ runs, served on 127.0.0.1 by a real server, and stopped after the family's last 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -90,13 +91,10 @@ def _kinds(family: Family) -> dict[str, str]:
     return {name: kind for name, kind in ADAPTERS.items() if name not in skip}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def served(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    family = FAMILIES[request.param]
-    kinds = _kinds(family)
-    built = build_family(family, tmp_path_factory.mktemp(family.name), kinds)
+@contextlib.contextmanager
+def serving(family: Family, kinds: dict[str, str], out: Path) -> Iterator[Served]:
+    """Build ``family`` with the adapters ``{name: kind}`` under ``out`` and serve it."""
+    built = build_family(family, out, kinds)
     server = ServerThread(
         model_path=built.base,
         adapters_dir=built.adapters,
@@ -119,3 +117,12 @@ def served(
     finally:
         channel.close()
         server.stop()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    family = FAMILIES[request.param]
+    with serving(family, _kinds(family), tmp_path_factory.mktemp(family.name)) as served:
+        yield served
