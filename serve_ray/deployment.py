@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import ray
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 from peftserve.server.app import SERVICE_NAME
 from peftserve.server.config import DEMO_ADAPTERS_DIR, DEMO_MODEL_PATH
 from peftserve.server.engine.config import EngineConfig
@@ -227,14 +227,6 @@ class PeftServeReplica:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
 
-    async def Watch(  # noqa: N802
-        self, request: health_pb2.HealthCheckRequest, grpc_context: Any
-    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        ReplicaCallContext(grpc_context).set_status(
-            _unimplemented(f"{health.SERVICE_NAME}/Watch", "probe with Check; replicas come and go")
-        )
-        yield health_pb2.HealthCheckResponse()
-
     # ---- for operators, through a DeploymentHandle (not on the gRPC proxy) ----
     def engine_stats(self) -> dict[str, Any]:
         """This replica's load and adapters. ``handle.options(method_name="engine_stats",
@@ -246,6 +238,10 @@ class PeftServeReplica:
             "running": stats.running,
             "running_rows": stats.running_rows,
             "adapters": sorted(a.name for a in self._engine.adapters()),
+            # What this replica reports to Ray's router: never an adapter it no longer holds.
+            "routed_adapters": sorted(getattr(self, _MULTIPLEX_ATTRIBUTE).models)
+            if hasattr(self, _MULTIPLEX_ATTRIBUTE)
+            else [],
         }
 
     # ---- Ray's hooks ----

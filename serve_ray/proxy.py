@@ -13,20 +13,27 @@ same name. Two gaps of the proxy (Ray 2.60) are closed here, in the proxy proces
   the caller sees the status with its ``google.rpc`` details and no stray message. An empty
   message is never a valid stream message of the contract (exactly one event is set).
 
-Both ride on ``gRPCGenericServer.service_handler_factory`` (how the proxy builds its per-method
-handlers); without it (another Ray version) the services still register unchanged and only
-these two refinements are missing, which is logged.
+``grpc.health.v1.Health/Watch`` is answered here, by the proxy, rather than routed: gRPC
+clients with health checking in their service config (peftserve's do) hold one Watch stream per
+connection for as long as the channel lives, and on a replica each would count as an ongoing
+request for autoscaling forever. The proxy reports SERVING while it runs (Ray routes only to
+replicas whose engine has loaded); ``Check`` goes to a replica.
+
+All of this rides on ``gRPCGenericServer.service_handler_factory`` (how the proxy builds its
+per-method handlers); without it (another Ray version) the services still register unchanged
+and only these refinements are missing, which is logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
-from peftserve.v1 import generation_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from peftserve.v1 import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger("peftserve.ray")
 
@@ -69,7 +76,29 @@ def _server_stream(handler: Callable[..., AsyncIterator[bytes]]) -> Callable[...
     return server_stream
 
 
-def _refine(server: Any, add_service: Callable[[Any, Any], None], servicer: Any) -> None:
+_SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+async def _watch_health(request: Any, context: Any) -> AsyncIterator[bytes]:
+    """Health/Watch on the proxy: SERVING (or SERVICE_UNKNOWN) once, then held open."""
+    known = request.service in ("", _SERVICE_NAME)
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if known
+        else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    )
+    yield health_pb2.HealthCheckResponse(status=status).SerializeToString()
+    await asyncio.Event().wait()  # until the caller goes away or the proxy stops
+
+
+def _refine(
+    server: Any,
+    add_service: Callable[[Any, Any], None],
+    servicer: Any,
+    local: Mapping[str, Callable[..., Any]] | None = None,
+) -> None:
+    """Register a service whose methods Ray routes to replicas, with the refinements above;
+    methods in ``local`` (server streams) are answered by the proxy itself."""
     factory = getattr(server, "service_handler_factory", None)
     if factory is None:
         logger.warning(
@@ -85,6 +114,8 @@ def _refine(server: Any, add_service: Callable[[Any, Any], None], servicer: Any)
         if kind == "unary_unary":
             return _unary(handler)
         if kind == "unary_stream":
+            if local and service_method in local:
+                return local[service_method]
             return _server_stream(handler)
         return handler  # the contract has no client or bidi streams
 
@@ -101,8 +132,13 @@ def add_generation_service(servicer: Any, server: grpc.aio.Server) -> None:
 
 
 def add_health_service(servicer: Any, server: grpc.aio.Server) -> None:
-    """``grpc.health.v1.Health`` on Ray's gRPC proxy, answered by a replica (its engine)."""
-    _refine(server, health_pb2_grpc.add_HealthServicer_to_server, servicer)
+    """``grpc.health.v1.Health`` on Ray's gRPC proxy: Check by a replica, Watch by the proxy."""
+    _refine(
+        server,
+        health_pb2_grpc.add_HealthServicer_to_server,
+        servicer,
+        local={f"/{health.SERVICE_NAME}/Watch": _watch_health},
+    )
 
 
 # The Serve config's grpc_servicer_functions, in this order.

@@ -169,6 +169,12 @@ def test_health_reflection_and_the_per_replica_admin_rpcs(
     with pytest.raises(grpc.RpcError) as unknown:
         health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    # Watch is the proxy's own (no replica holds the stream): SERVING, then held open.
+    for service, expected in (("", "SERVING"), ("nope", "SERVICE_UNKNOWN")):
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+        status = next(watch).status
+        assert health_pb2.HealthCheckResponse.ServingStatus.Name(status) == expected
+        watch.cancel()
 
     reflection = reflection_pb2_grpc.ServerReflectionStub(ray_channel)
     answers = reflection.ServerReflectionInfo(
@@ -206,10 +212,12 @@ def test_adapter_affinity_and_the_per_replica_budget(ray_serve: RayServe) -> Non
         assert client.load_adapter(adapter).name == adapter
         for name in ("reverse", "title", "upper"):
             client.generate(PROMPT, adapter=name, max_new_tokens=4)
-        # Four adapters used, two per replica at most: each replica evicted to stay in budget.
+        # Four adapters used, two per replica at most: replicas evicted to stay in budget, and
+        # an evicted adapter is withdrawn from what the replica reports to Ray's router.
         for name in ("reverse", "title", "upper", adapter):
-            held = ray_serve.engine_stats(name)["adapters"]
-            assert len(held) <= 2, held
+            stats = ray_serve.engine_stats(name)
+            assert len(stats["adapters"]) <= 2, stats
+            assert set(stats["routed_adapters"]) <= set(stats["adapters"]), stats
 
 
 def test_cancel_and_deadline_free_the_replicas_rows(ray_serve: RayServe, ray_stub: Any) -> None:
