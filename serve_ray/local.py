@@ -69,8 +69,12 @@ def with_overrides(
     return result
 
 
-def start_head(num_cpus: int = 2) -> None:
-    """Start a Ray head on 127.0.0.1 owned by this process (no dashboard)."""
+def start_head(num_cpus: int = 2, metrics_export_port: int | None = None) -> None:
+    """Start a Ray head on 127.0.0.1 owned by this process (no dashboard).
+
+    ``metrics_export_port``: where the node's metrics agent serves Prometheus text (every
+    replica's ``ray_peftserve_*`` series); None lets Ray pick one.
+    """
     configure_env()
     import ray
 
@@ -82,6 +86,7 @@ def start_head(num_cpus: int = 2) -> None:
         logging_level=logging.WARNING,
         log_to_driver=True,
         _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_export_port,
     )
 
 

@@ -42,8 +42,9 @@ def _free_port() -> int:
 class RayServe:
     """The deployed application: its gRPC address and a handle for replica-side checks."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, metrics_port: int) -> None:
         self.address = address
+        self.metrics_port = metrics_port
 
     def engine_stats(self, adapter: str = "") -> dict[str, Any]:
         """Load and adapters of a replica (one holding ``adapter`` when given)."""
@@ -65,7 +66,8 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
     shutil.copytree(DEMO_ADAPTERS, adapters)
     for name in SOLO_ADAPTERS:
         shutil.copytree(adapters / "upper", adapters / name)
-    local.start_head(num_cpus=REPLICAS + 2)
+    metrics_port = _free_port()
+    local.start_head(num_cpus=REPLICAS + 2, metrics_export_port=metrics_port)
     try:
         config = local.with_overrides(
             local.load_config(),
@@ -74,7 +76,7 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
             engine={"adapters_dir": str(adapters), "max_loaded_adapters": MAX_LOADED_ADAPTERS},
             deployment={"num_replicas": REPLICAS},
         )
-        yield RayServe(local.deploy(config))
+        yield RayServe(local.deploy(config), metrics_port)
     finally:
         local.stop()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+import urllib.request
 from typing import Any
 
 import grpc
@@ -94,6 +95,28 @@ def test_unary_and_stream_agree_through_the_proxy(ray_serve: RayServe) -> None:
         info = client.model_info()
         assert info.context_length == 512
         assert client.tokenize("ab").token_ids
+
+
+def test_replica_metrics_reach_rays_metrics_endpoint(ray_serve: RayServe) -> None:
+    """One endpoint per node (no port per replica), each series tagged with its replica."""
+    with PeftServeClient(ray_serve.address, timeout_s=60) as client:
+        client.generate(PROMPT, max_new_tokens=4)
+    url = f"http://127.0.0.1:{ray_serve.metrics_port}/metrics"
+    end = time.monotonic() + 60  # Ray exports recorded values every few seconds
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            lines = reply.read().decode().splitlines()
+        requests = [
+            line
+            for line in lines
+            if line.startswith("ray_peftserve_requests") and 'method="Generate"' in line
+        ]
+        if requests or time.monotonic() > end:
+            break
+        time.sleep(1)
+    assert requests, "no ray_peftserve_requests series for Generate"
+    assert all('replica="' in line and 'status="OK"' in line for line in requests), requests
+    assert any(line.startswith("ray_peftserve_engine_running_rows{") for line in lines)
 
 
 def test_tokens_equal_the_plain_servers(ray_serve: RayServe, demo_server: ServerThread) -> None:
