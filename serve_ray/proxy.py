@@ -6,12 +6,14 @@ same name. Two gaps of the proxy (Ray 2.60) are closed here, in the proxy proces
 
 - It does not forward the caller's deadline. Each call gets the time the caller has left as
   ``peftserve-timeout-ms`` metadata, so the replica's engine sees the deadline (queue
-  admission, DEADLINE_EXCEEDED, the finish reason) exactly as a plain server's does.
+  admission, DEADLINE_EXCEEDED, the finish reason) as a plain server's does.
 - It copies a replica's status and trailers (``grpc-status-details-bin``) onto the call only
   with a response message. A unary replica method returns an empty message with its status; a
   streaming one ends with a zero-length "status carrier" message, which is dropped here, so
   the caller sees the status with its ``google.rpc`` details and no stray message. An empty
   message is never a valid stream message of the contract (exactly one event is set).
+- It reports a replica that died mid-call as INTERNAL, with the actor's pid and address in the
+  message; that becomes UNAVAILABLE with a plain message, so retry policies resend the call.
 
 ``grpc.health.v1.Health/Watch`` is answered here, by the proxy, rather than routed: gRPC
 clients with health checking in their service config (peftserve's do) hold one Watch stream per
@@ -42,14 +44,27 @@ TIMEOUT_METADATA_KEY = "peftserve-timeout-ms"
 
 
 class _DeadlineForwardingContext:
-    """The proxy's view of a call, plus the caller's remaining time as metadata."""
+    """The proxy's view of a call, plus the caller's remaining time as metadata.
+
+    A caller may send a shorter ``peftserve-timeout-ms`` itself (the engine then ends its
+    request early, with finish reason DEADLINE_EXCEEDED, while the call stays open); a longer
+    or malformed one is replaced by the real deadline's.
+    """
 
     def __init__(self, context: Any) -> None:
         self._context = context
-        metadata = [(k, v) for k, v in context.invocation_metadata() if k != TIMEOUT_METADATA_KEY]
+        metadata = []
+        limits_ms: list[int] = []
+        for key, value in context.invocation_metadata():
+            if key != TIMEOUT_METADATA_KEY:
+                metadata.append((key, value))
+            elif isinstance(value, str) and value.isdigit():
+                limits_ms.append(int(value))
         remaining = context.time_remaining()
         if remaining is not None:
-            metadata.append((TIMEOUT_METADATA_KEY, str(max(0, int(remaining * 1000)))))
+            limits_ms.append(max(0, int(remaining * 1000)))
+        if limits_ms:
+            metadata.append((TIMEOUT_METADATA_KEY, str(min(limits_ms))))
         self._metadata = tuple(metadata)
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -60,9 +75,27 @@ class _DeadlineForwardingContext:
         return getattr(self._context, name)
 
 
+# How Ray 2.60 words a replica actor that died or became unreachable mid-call (RayActorError).
+_REPLICA_LOST_PREFIX = "The actor "
+REPLICA_LOST_MESSAGE = "the replica serving this call stopped; retry (another replica will take it)"
+
+
+def _replica_lost_is_unavailable(context: Any) -> None:
+    """Ray reports a replica that died mid-call as INTERNAL with its actor's pid and address;
+    it is UNAVAILABLE (gRPC retry policies resend those) and the caller learns nothing else."""
+    code = context.code()
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INTERNAL.value[0]) and str(
+        context.details() or ""
+    ).startswith(_REPLICA_LOST_PREFIX):
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details(REPLICA_LOST_MESSAGE)
+
+
 def _unary(handler: Callable[..., Any]) -> Callable[..., Any]:
     async def unary(request: Any, context: Any) -> Any:
-        return await handler(request, _DeadlineForwardingContext(context))
+        response = await handler(request, _DeadlineForwardingContext(context))
+        _replica_lost_is_unavailable(context)
+        return response
 
     return unary
 
@@ -72,6 +105,7 @@ def _server_stream(handler: Callable[..., AsyncIterator[bytes]]) -> Callable[...
         async for message in handler(request, _DeadlineForwardingContext(context)):
             if message:  # b"": the replica's status carrier, already applied to the call
                 yield message
+        _replica_lost_is_unavailable(context)
 
     return server_stream
 
