@@ -30,7 +30,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import yaml
-from kubernetes_validate.utils import schema_contents
+from kubernetes_validate.utils import all_versions, schema_contents
 from referencing import Registry, Resource
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -127,20 +127,37 @@ def _definitions(version: str) -> Registry:
     return Resource.from_contents(definitions) @ Registry()
 
 
+@functools.cache
+def _validator(version: str, api_version: str, kind: str) -> jsonschema.Draft202012Validator:
+    """The strict validator of one kind, built once: the CRD copy's schema for our custom
+    resources, else the one ``kubernetes_validate.validate`` would load for it (the same file,
+    found the same way; that function re-reads the definitions at every call)."""
+    crds = crd_schemas()
+    if (api_version, kind) in crds:
+        schema = crds[(api_version, kind)]
+    else:
+        group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+        path = f"kubernetes-json-schema/v{version}-local-strict/{kind.lower()}-{group_version}.json"
+        try:
+            schema = schema_contents(path, version)
+        except FileNotFoundError:
+            raise kubernetes_validate.SchemaNotFoundError(
+                version=version, kind=kind, api_version=api_version
+            ) from None
+    return jsonschema.Draft202012Validator(schema, registry=_definitions(version))
+
+
 def validate_schemas(manifests: Iterable[Manifest], version: str) -> None:
     """Strict schema validation of every object for Kubernetes ``version``."""
-    crds = crd_schemas()
-    registry = _definitions(version)
+    if version not in all_versions():
+        raise ManifestError(f"kubernetes-validate has no schemas for Kubernetes {version}")
     for manifest in manifests:
-        key = (manifest.get("apiVersion", ""), manifest.get("kind", ""))
         try:
-            if key in crds:
-                validator = jsonschema.Draft202012Validator(crds[key], registry=registry)
-                error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
-                if error is not None:
-                    raise error
-            else:
-                kubernetes_validate.validate(manifest, version, strict=True)
+            api_version, kind = manifest.get("apiVersion", ""), manifest.get("kind", "")
+            validator = _validator(version, api_version, kind)
+            error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
+            if error is not None:
+                raise error
         except jsonschema.ValidationError as error:
             path = ".".join(str(p) for p in error.absolute_path) or "(root)"
             raise ManifestError(
