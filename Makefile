@@ -16,7 +16,7 @@ install: $(STAMP)
 # scripts/install.sh puts torch==2.13.0 in first and alone (here the local CPU wheel); the
 # container image (deploy/kubernetes/Containerfile) installs with the same script.
 $(STAMP): pyproject.toml scripts/install.sh
-	PYTHON=$(PYTHON) scripts/install.sh $(VENV) server,dev,bench,ray
+	PYTHON=$(PYTHON) sh scripts/install.sh $(VENV) server,dev,bench,ray
 	touch $@
 
 $(NPM_STAMP): package.json examples/node/package-lock.json
