@@ -21,6 +21,7 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .loadgen import REQUEST_TIMEOUT_S, check_loopback
@@ -193,4 +194,111 @@ def run_cancel_reuse(
         "steps_max": max(steps) if steps else None,
         "steps_median": statistics.median(steps) if steps else None,
         "ms_median": statistics.median(t["ms"] for t in valid) if valid else None,
+    }
+
+
+def run_cancel_reuse_engine(
+    model_path: Path, adapters_dir: Path | None, config: CancelReuseConfig, torch_threads: int
+) -> dict[str, Any]:
+    """The same trial on the engine in this process, counted by the engine's own steps.
+
+    Over gRPC, the count above also holds the cancel's trip to the server and the event loop's
+    delay in sending tokens, both noisy on a loaded machine. Here a step listener numbers the
+    engine's steps; the count is the steps from the one running when ``cancel()`` is called to
+    the first whose end finds the queued request admitted (none left waiting). 1 means the
+    next step already serves it.
+    """
+    import threading
+
+    import torch
+    from peftserve.server.engine import Engine, StepStats
+    from peftserve.server.engine.config import EngineConfig
+    from peftserve.server.engine.types import GenerationParams, GenerationRequest
+
+    torch.set_num_threads(torch_threads)
+
+    def request(request_id: str, tokens: int) -> GenerationRequest:
+        params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return GenerationRequest(request_id, text=PROMPT, parameters=params)
+
+    async def go() -> list[dict[str, Any]]:
+        engine_config = EngineConfig(
+            model_path=model_path, adapters_dir=adapters_dir, max_batch_size=config.capacity
+        )
+        engine = await asyncio.to_thread(Engine, engine_config)
+        await engine.start()
+        lock = threading.Lock()
+        steps: list[int] = [0]
+        waiting_after: dict[int, int] = {}  # step number -> requests still queued after it
+
+        def on_step(_: StepStats) -> None:
+            queued = engine.stats().queued
+            with lock:
+                steps[0] += 1
+                waiting_after[steps[0]] = queued
+
+        unsubscribe = engine.add_step_listener(on_step)
+        trials = []
+        try:
+            first = 0 if config.warmup else 1
+            for index in range(first, config.trials + 1):
+                rows = [
+                    engine.submit(request(f"row{index}-{i}", config.neighbour_tokens), stream=True)
+                    for i in range(config.capacity)
+                ]
+                iterators = [row.__aiter__() for row in rows]
+                for iterator in iterators:
+                    await asyncio.wait_for(iterator.__anext__(), STEP_TIMEOUT_S)
+                queued = engine.submit(request(f"queued{index}", config.queued_tokens), stream=True)
+                # A few steps for the queued request to be (wrongly) admitted.
+                with lock:
+                    settle = steps[0] + SETTLE_TOKENS
+                while True:
+                    with lock:
+                        if steps[0] >= settle:
+                            break
+                    await asyncio.sleep(0.001)
+                valid = engine.stats().queued == 1 and all(not r.done for r in rows)
+                with lock:
+                    cancelled_at = steps[0]
+                rows[0].cancel()
+                await asyncio.wait_for(queued.__aiter__().__anext__(), STEP_TIMEOUT_S)
+                # Its first token can reach this loop before the listener of the step that made
+                # it has run: wait for that record (a few steps at most).
+                admitted = None
+                deadline = time.monotonic() + STEP_TIMEOUT_S
+                while admitted is None and time.monotonic() < deadline:
+                    with lock:
+                        admitted = next(
+                            (
+                                n
+                                for n in sorted(waiting_after)
+                                if n > cancelled_at and not waiting_after[n]
+                            ),
+                            None,
+                        )
+                    await asyncio.sleep(0.001)
+                for row in rows[1:]:
+                    row.cancel()
+                await asyncio.gather(*(r.result() for r in [*rows, queued]), return_exceptions=True)
+                if index == 0:
+                    continue
+                if not valid or admitted is None:
+                    trials.append(
+                        {"trial": index, "valid": False, "reason": "the batch was not full"}
+                    )
+                else:
+                    trials.append({"trial": index, "valid": True, "steps": admitted - cancelled_at})
+        finally:
+            unsubscribe()
+            await engine.stop()
+        return trials
+
+    trials = asyncio.run(go())
+    steps = [t["steps"] for t in trials if t["valid"]]
+    return {
+        "trials": trials,
+        "valid_trials": len(steps),
+        "steps_max": max(steps) if steps else None,
+        "steps_median": statistics.median(steps) if steps else None,
     }

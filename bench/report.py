@@ -176,6 +176,18 @@ def _scenario_sections(results: dict[str, Any]) -> list[str]:
                 f"| {trial['trial']} | {trial['steps']} | {_fmt(trial['ms'])} "
                 f"| {_fmt(trial['neighbour_itl_ms'], 2)} |"
             )
+        engine = reuse.get("engine")
+        if engine:
+            counted = ", ".join(
+                str(t["steps"]) if t["valid"] else f"invalid ({t['reason']})"
+                for t in engine["trials"]
+            )
+            lines += [
+                "",
+                "The same trial on the engine in the benchmark process, counted by its step "
+                "listener (steps from the one running at `cancel()` to the first that ends "
+                f"with the queued request admitted; 1 = the next step): {counted}.",
+            ]
     return lines
 
 

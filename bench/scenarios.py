@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .capacity import CancelReuseConfig, run_cancel_reuse
+from .capacity import CancelReuseConfig, run_cancel_reuse, run_cancel_reuse_engine
 from .cells import Background, Cell
 from .loadgen import LoadConfig, PeftServeTarget
 from .workload import RequestSpec, build_workload
@@ -254,8 +254,8 @@ def beams(ctx: ScenarioContext) -> None:
 
 @scenario(
     "cancel-reuse",
-    "a full batch of --cancel-capacity long streams, one queued request, one cancel: decode "
-    "steps until the queued request's first token",
+    "a full batch of 4 long streams, one queued request, one cancel: decode steps until the "
+    "queued request runs, over gRPC (a neighbour's tokens) and in the engine (its step count)",
     max_batch_size=4,
 )
 def cancel_reuse(ctx: ScenarioContext) -> None:
@@ -268,3 +268,13 @@ def cancel_reuse(ctx: ScenarioContext) -> None:
     record = run_cancel_reuse(ctx.address, config, ctx.server.metrics_port)
     record["cell"] = f"cancel-reuse-c{config.capacity}"
     ctx.record("cancel-reuse", record)
+    args = ctx.args
+
+    def engine_steps() -> None:
+        adapters_dir = args.adapters_dir if args.adapters_dir.is_dir() else None
+        record["engine"] = run_cancel_reuse_engine(
+            args.model_path, adapters_dir, config, args.torch_threads
+        )
+
+    # The engine in this process, once no server shares the CPU.
+    ctx.after_servers(engine_steps)

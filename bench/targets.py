@@ -117,15 +117,27 @@ def _queue_wait_steps(results: Results) -> Measured | None:
 
 
 def _cancel_reuse(results: Results) -> Measured | None:
+    """The engine's own step count when it was measured, else the count over gRPC."""
     record = (results.get("scenarios") or {}).get("cancel-reuse")
-    if not record or record.get("steps_max") is None:
+    if not record:
         return None
-    return Measured(
-        float(record["steps_max"]),
-        f"worst of {record['valid_trials']} trials (median {record['steps_median']}); "
-        f"cancel to the queued request's first token {record['ms_median']:.1f} ms median",
-        (record["cell"],),
-    )
+    engine = record.get("engine") or {}
+    over_grpc = ""
+    if record.get("steps_max") is not None:
+        over_grpc = (
+            f"over gRPC: worst {record['steps_max']}, median {record['steps_median']} "
+            f"neighbour tokens, {record['ms_median']:.1f} ms median"
+        )
+    if engine.get("steps_max") is not None:
+        return Measured(
+            float(engine["steps_max"]),
+            f"engine steps, worst of {engine['valid_trials']} trials (median "
+            f"{engine['steps_median']}); {over_grpc or 'not measured over gRPC'}",
+            (record["cell"],),
+        )
+    if not over_grpc:
+        return None
+    return Measured(float(record["steps_max"]), over_grpc, (record["cell"],))
 
 
 def _engine_python(results: Results) -> Measured | None:

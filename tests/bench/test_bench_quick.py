@@ -80,7 +80,10 @@ def test_quick_benchmark_writes_a_sane_report(tmp_path: Path) -> None:
     with_beams = cells[next(i for i in cells if i.endswith("-with-beams"))]
     assert with_beams["background"]["ok"] > 0
     reuse = results["scenarios"]["cancel-reuse"]
-    assert reuse["valid_trials"] == 1 and reuse["steps_max"] >= 0
+    # A trial can be invalid (a loaded machine may split a static batch); it is still recorded.
+    assert len(reuse["trials"]) == 1 and len(reuse["engine"]["trials"]) == 1
+    for trial in [*reuse["trials"], *reuse["engine"]["trials"]]:
+        assert trial["steps"] >= 0 if trial["valid"] else trial["reason"]
 
     targets = {row["name"]: row for row in results["targets"]}
     for name in (
