@@ -92,15 +92,12 @@ def _kinds(family: Family) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def serving(family: Family, kinds: dict[str, str], out: Path) -> Iterator[Served]:
+def serving(family: Family, kinds: dict[str, str], out: Path, **overrides: Any) -> Iterator[Served]:
     """Build ``family`` with the adapters ``{name: kind}`` under ``out`` and serve it."""
     built = build_family(family, out, kinds)
-    server = ServerThread(
-        model_path=built.base,
-        adapters_dir=built.adapters,
-        max_wait_ms=40.0,
-        default_max_new_tokens=8,
-    )
+    settings: dict[str, Any] = {"max_wait_ms": 40.0, "default_max_new_tokens": 8}
+    settings.update(overrides)
+    server = ServerThread(model_path=built.base, adapters_dir=built.adapters, **settings)
     server.wait_ready()
     channel = grpc.insecure_channel(server.address)
     try:
