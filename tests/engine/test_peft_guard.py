@@ -139,25 +139,27 @@ def test_a_fault_inside_a_mixed_batch_leaves_the_model_clean(
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
             outcomes = _generate_together(stub)
-            assert fault.batch_sizes == [len(CASES)], "the cases should have formed one batch"
-            assert fault.adapter_names_seen and set(fault.adapter_names_seen[0]) == {
-                "__base__",
-                "upper",
-                "reverse",
-            }, "the faulty batch must be a real mixed LoRA batch"
-            if isinstance(error, torch.OutOfMemoryError):
-                # Split and retried in halves: every request still gets its solo tokens.
-                for (adapter, _), outcome in zip(CASES, outcomes, strict=True):
-                    assert not isinstance(outcome, grpc.RpcError), outcome
-                    assert list(outcome.sequences[0].token_ids) == references[adapter]
-            else:
-                for outcome in outcomes:
-                    assert isinstance(outcome, grpc.RpcError)
+            assert fault.batch_sizes and fault.batch_sizes[0] >= 2, "no shared forward ran"
+            assert fault.adapter_names_seen and len(set(fault.adapter_names_seen[0])) >= 2, (
+                "the faulty forward must be a real mixed LoRA batch"
+            )
+            failed = 0
+            for (adapter, _), outcome in zip(CASES, outcomes, strict=True):
+                if isinstance(outcome, grpc.RpcError):
+                    # A plain fault fails the requests of the forward; an OOM is retried
+                    # where nobody has seen tokens (all of these are unary).
+                    assert not isinstance(error, torch.OutOfMemoryError), outcome
                     assert outcome.code() == grpc.StatusCode.INTERNAL
+                    failed += 1
+                else:
+                    assert list(outcome.sequences[0].token_ids) == references[adapter]
+            assert failed >= (0 if isinstance(error, torch.OutOfMemoryError) else 2)
             # Asked on the worker between batches: results are published from inside generate,
             # before peft's own cleanup of a successful call has run.
-            engine = server.server.engine()
-            between = engine._batcher.run_between_batches(lambda: leftover_hooks(model))
+            batcher = server.server.engine()._batcher
+            # The static batcher runs work between batches, the decode loop between steps.
+            run_between = getattr(batcher, "run_between_steps", None) or batcher.run_between_batches
+            between = run_between(lambda: leftover_hooks(model))
             assert between.result(timeout=60) == []
             _assert_serves_references(stub, references)
     finally:
