@@ -31,6 +31,7 @@ from typing import IO
 
 import pytest
 from peftserve.client import AsyncPeftServeClient, PeftServeClientError, StreamSummary
+from prometheus_client.parser import text_string_to_metric_families
 
 from ..conftest import DEMO_ADAPTERS, DEMO_MODEL
 
@@ -107,9 +108,13 @@ class Replica:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
-        prefix = 'peftserve_requests_total{adapter="",rpc="Generate",status="OK"} '
-        lines = [line for line in text.splitlines() if line.startswith(prefix)]
-        return float(lines[0].split()[-1]) if lines else 0.0
+        wanted = {"rpc": "Generate", "status": "OK", "adapter": ""}
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "peftserve_requests_total" and sample.labels == wanted
+        )
 
 
 @pytest.fixture
