@@ -8,6 +8,7 @@ retry may succeed. Unexpected exceptions become INTERNAL with no traceback sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -19,6 +20,7 @@ from .engine.errors import (
     AdapterExistsError,
     AdapterLoadError,
     AdapterNotFoundError,
+    AdapterPathNotFoundError,
     AdapterStateError,
     BatchOutOfMemoryError,
     ChatTemplateMissingError,
@@ -52,6 +54,7 @@ class MalformedMessageError(InvalidRequestError):
 _CODES: tuple[tuple[type[PeftServeError], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AdapterPathNotFoundError, grpc.StatusCode.NOT_FOUND),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BatchOutOfMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -74,6 +77,38 @@ def status_code_for(error: PeftServeError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Error trailers echo caller input (names, paths, texts). A client refuses trailers beyond its
+# metadata limit (grpc's default soft limit is 8 KiB, hard 16 KiB) and then sees
+# RESOURCE_EXHAUSTED instead of the real status, so every echoed string is clipped. Worst case,
+# percent-encoded message plus base64 details, stays near 5 KiB.
+MAX_MESSAGE_BYTES = 400
+MAX_DETAIL_BYTES = 160
+MAX_VIOLATIONS = 6
+
+
+def clip(text: str, max_bytes: int = MAX_DETAIL_BYTES) -> str:
+    """``text`` cut to ``max_bytes`` UTF-8 bytes (on a character boundary), marked with '...'."""
+    if len(text) * 4 <= max_bytes or len(encoded := text.encode("utf-8", "replace")) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode("utf-8", "ignore") + "..."
+
+
+def _violations(violations: tuple[FieldViolation, ...]) -> list[Any]:
+    kept = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=clip(v.field), description=clip(v.description)
+        )
+        for v in violations[:MAX_VIOLATIONS]
+    ]
+    if len(violations) > MAX_VIOLATIONS:
+        kept.append(
+            error_details_pb2.BadRequest.FieldViolation(
+                field="", description=f"and {len(violations) - MAX_VIOLATIONS} more violations"
+            )
+        )
+    return kept
+
+
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
@@ -83,21 +118,14 @@ def _pack(message: object) -> any_pb2.Any:
 def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
     """Build the rich status for a domain error."""
     code = status_code_for(error)
-    metadata = {"request_id": request_id} if request_id else {}
+    metadata = {"request_id": clip(request_id, 128)} if request_id else {}
     details: list[any_pb2.Any] = [
         _pack(
             error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
         )
     ]
     if isinstance(error, InvalidRequestError):
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
+        bad_request = error_details_pb2.BadRequest(field_violations=_violations(error.violations))
         details.append(_pack(bad_request))
     elif isinstance(error, AdapterNotFoundError):
         details.append(
@@ -105,7 +133,7 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field="adapter", description=error.message
+                            field="adapter", description=clip(error.message)
                         )
                     ]
                 )
@@ -114,7 +142,30 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
         details.append(
             _pack(
                 error_details_pb2.ResourceInfo(
-                    resource_type="adapter", resource_name=error.adapter, description=error.message
+                    resource_type="adapter",
+                    resource_name=clip(error.adapter),
+                    description=clip(error.message),
+                )
+            )
+        )
+    elif isinstance(error, AdapterPathNotFoundError):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=error.field, description=clip(error.message)
+                        )
+                    ]
+                )
+            )
+        )
+        details.append(
+            _pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type="adapter directory",
+                    resource_name=clip(error.path),
+                    description=clip(error.message),
                 )
             )
         )
@@ -127,8 +178,8 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
                     violations=[
                         error_details_pb2.PreconditionFailure.Violation(
                             type="ADAPTER_DIRECTORY",
-                            subject=error.field or f"adapter/{error.adapter}",
-                            description=error.detail,
+                            subject=clip(error.field or f"adapter/{error.adapter}"),
+                            description=clip(error.detail),
                         )
                     ]
                 )
@@ -140,7 +191,9 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
                 error_details_pb2.PreconditionFailure(
                     violations=[
                         error_details_pb2.PreconditionFailure.Violation(
-                            type="CHAT_TEMPLATE", subject=error.field, description=error.message
+                            type="CHAT_TEMPLATE",
+                            subject=clip(error.field),
+                            description=clip(error.message),
                         )
                     ]
                 )
@@ -152,7 +205,7 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=error.field, description=error.message
+                            field=clip(error.field), description=clip(error.message)
                         )
                     ]
                 )
@@ -163,7 +216,9 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
         retry_delay.FromMilliseconds(max(1, int(error.retry_after_s * 1000)))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=retry_delay)))
     status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=error.message, details=details)
+        status_pb2.Status(
+            code=code.value[0], message=clip(error.message, MAX_MESSAGE_BYTES), details=details
+        )
     )
     if isinstance(error, QueueFullError):
         # gRPC's built-in retry ignores RetryInfo but honours this trailer, so clients with a

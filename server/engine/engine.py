@@ -40,6 +40,7 @@ from .errors import (
     AdapterExistsError,
     AdapterLoadError,
     AdapterNotFoundError,
+    AdapterPathNotFoundError,
     AdapterStateError,
     DeadlineExceededError,
     EngineUnavailableError,
@@ -78,6 +79,9 @@ CANCEL_GRACE_S = 10.0
 # Threads that prepare requests (tokenize, validate) off the event loop. Two cores are the
 # norm for this service's CPU deployments; more threads would only contend for the GIL.
 PREPARE_THREADS = 2
+# FAILED adapters kept listed (with their reason) after a failed LoadAdapter; older ones are
+# forgotten, so repeated failing loads under new names cannot grow ListAdapters without bound.
+MAX_FAILED_ADAPTERS = 32
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,6 +216,8 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._draining = False
+        # Names of FAILED loads, oldest first (bounded by MAX_FAILED_ADAPTERS).
+        self._failed: list[str] = []
         # Requests between check_admission and submit_prepared: they count as queued.
         self._preparing = 0
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, "peftserve-prepare")
@@ -470,6 +476,10 @@ class Engine:
             if pinned and not status.pinned:
                 status = self._registry.set_state(name, status.state, pinned=True)
             return status
+        if not directory.is_dir():
+            # Refused before anything is registered: a FAILED entry per missing path let any
+            # caller grow the adapter list (and ListAdapters) without bound.
+            raise AdapterPathNotFoundError(path or name)
         return await asyncio.shield(self._start_load(name, directory, relative, pinned))
 
     def _start_load(
@@ -516,11 +526,13 @@ class Engine:
             logger.error("%s", error.message)
             self._registry.load_errors[name] = error
             self._registry.set_state(name, AdapterState.FAILED, error=error.detail)
+            self._forget_old_failures(name)
             future.set_exception(error)
             future.exception()  # retrieved: nobody may be waiting, and that is fine
         except BaseException as error:
             wrapped = AdapterLoadError(name, f"{type(error).__name__}: {error}")
             self._registry.set_state(name, AdapterState.FAILED, error=wrapped.detail)
+            self._forget_old_failures(name)
             future.set_exception(wrapped)
             future.exception()
             if not isinstance(error, Exception):
@@ -530,6 +542,18 @@ class Engine:
             future.set_result(self._registry.set_state(name, AdapterState.READY, info=info))
         finally:
             self._loads.pop(name, None)
+
+    def _forget_old_failures(self, name: str) -> None:
+        """Keep the newest ``MAX_FAILED_ADAPTERS`` FAILED entries; forget older ones."""
+        if name in self._failed:
+            self._failed.remove(name)
+        self._failed.append(name)
+        while len(self._failed) > MAX_FAILED_ADAPTERS:
+            oldest = self._failed.pop(0)
+            entry = self._registry.entry(oldest)
+            if entry is not None and entry.state is AdapterState.FAILED:
+                self._registry.load_errors.pop(oldest, None)
+                self._registry.remove(oldest)
 
     async def _detach(self, name: str) -> AdapterStatus | None:
         await asyncio.wrap_future(

@@ -49,6 +49,9 @@ class ContextLengthExceededError(InvalidRequestError):
     reason = "CONTEXT_LENGTH_EXCEEDED"
 
 
+MAX_LISTED_ADAPTERS = 3
+
+
 class AdapterNotFoundError(PeftServeError):
     """The request names an adapter that is not loaded (gRPC NOT_FOUND). Never falls back."""
 
@@ -57,8 +60,31 @@ class AdapterNotFoundError(PeftServeError):
     def __init__(self, adapter: str, available: list[str]) -> None:
         self.adapter = adapter
         self.available = tuple(available)
-        names = ", ".join(available) if available else "none"
-        super().__init__(f"adapter {adapter!r} is not loaded (loaded adapters: {names})")
+        # A few names help a developer; the full list (ListAdapters) would make the error
+        # outgrow a client's metadata limit once many adapters are loaded.
+        name = adapter if len(adapter) <= 64 else adapter[:61] + "..."
+        if not available:
+            loaded = "no adapters are loaded"
+        elif len(available) <= MAX_LISTED_ADAPTERS:
+            loaded = "loaded adapters: " + ", ".join(available)
+        else:
+            loaded = f"{len(available)} adapters are loaded, see ListAdapters; e.g. " + ", ".join(
+                available[:MAX_LISTED_ADAPTERS]
+            )
+        super().__init__(f"adapter {name!r} is not loaded ({loaded})")
+
+
+class AdapterPathNotFoundError(PeftServeError):
+    """LoadAdapter's directory does not exist under the adapters root (gRPC NOT_FOUND on
+    ``path``). Nothing is registered for it."""
+
+    reason = "ADAPTER_PATH_NOT_FOUND"
+
+    def __init__(self, path: str, field: str = "path") -> None:
+        self.path = path
+        self.field = field
+        shown = path if len(path) <= 64 else path[:61] + "..."
+        super().__init__(f"no adapter directory {shown!r} under the server's adapters root")
 
 
 class QueueFullError(PeftServeError):

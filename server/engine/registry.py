@@ -56,6 +56,8 @@ MIXED_GROUP = "LORA"
 # Token ids of the load-time probes (taken modulo the vocabulary size).
 PROBE_IDS = (3, 5, 7, 11, 13)
 # Adapter names travel in requests, logs and metric labels: keep them short and plain.
+MAX_ADAPTER_PATH_CHARS = 1024
+MAX_PATH_COMPONENT_BYTES = 255
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -78,6 +80,16 @@ def resolve_adapter_dir(root: Path, relative: str, field_path: str = "path") -> 
     """
     if not relative:
         raise InvalidRequestError.single(field_path, "must not be empty")
+    if len(relative) > MAX_ADAPTER_PATH_CHARS or any(
+        len(part.encode("utf-8", "surrogatepass")) > MAX_PATH_COMPONENT_BYTES
+        for part in relative.replace("\\", "/").split("/")
+    ):
+        # Longer ones fail in the OS (ENAMETOOLONG), which surfaced as INTERNAL.
+        raise InvalidRequestError.single(
+            field_path,
+            f"must be at most {MAX_ADAPTER_PATH_CHARS} characters, "
+            f"{MAX_PATH_COMPONENT_BYTES} bytes per component",
+        )
     if "\x00" in relative:
         raise InvalidRequestError.single(field_path, "must not contain NUL")
     posix = PurePosixPath(relative)

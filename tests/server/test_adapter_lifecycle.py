@@ -113,7 +113,8 @@ def test_unsafe_paths_and_pickle_weights_are_refused_by_field(
         "escape": grpc.StatusCode.INVALID_ARGUMENT,  # symlink resolving outside the root
         "pickled": grpc.StatusCode.FAILED_PRECONDITION,
         "weights-link": grpc.StatusCode.FAILED_PRECONDITION,
-        "missing": grpc.StatusCode.FAILED_PRECONDITION,
+        # A missing directory registers nothing (a FAILED entry per name grew the list).
+        "missing": grpc.StatusCode.NOT_FOUND,
     }
     with PeftServeClient(server.address, timeout_s=60) as client:
         for path, code in cases.items():
@@ -131,7 +132,7 @@ def test_unsafe_paths_and_pickle_weights_are_refused_by_field(
         )
         # A failed load is listed with its reason, and the server keeps serving.
         failed = {a.name: a for a in client.list_adapters()}["x"]
-        assert failed.state == "failed" and "no such adapter directory" in failed.error
+        assert failed.state == "failed" and "outside" in failed.error, failed
         assert client.generate(PROMPT, adapter="upper", max_new_tokens=3).text
         with pytest.raises(PeftServeClientError) as not_ready:
             client.generate(PROMPT, adapter="x", max_new_tokens=2)
