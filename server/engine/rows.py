@@ -30,7 +30,7 @@ from transformers import LogitsProcessorList, StoppingCriteria
 
 from .detokenize import TextStream
 from .handle import Job, flush_events
-from .structured import RowConstraint
+from .structured import RowConstraint, apply_masks
 from .types import FinishReason, TokenEvent, TokenLogprob, TopLogprob
 
 
@@ -170,6 +170,7 @@ class RowLogitsProcessor:
         if state.beams:
             return self._beam_rows(input_ids, scores)
         chosen = torch.full_like(scores, float("-inf"))
+        masked = self._masked_rows(scores)
         for i, row in enumerate(state.rows):
             if row.finished:
                 # generate replaces a finished row's token with pad anyway; any choice will do.
@@ -177,13 +178,15 @@ class RowLogitsProcessor:
                 continue
             raw = scores[i]
             processed = raw
-            if row.constraint is not None:
-                processed = row.constraint.apply_mask(raw.clone())
-            if len(row.processors) > 0:
+            dead_end = False
+            if i in masked:
+                processed, dead_end = masked[i]
+            if len(row.processors) > 0 and not dead_end:
                 start = state.padded_prompt_len - row.prompt_len
                 ids = input_ids[i : i + 1, start:]
                 processed = apply_processors(row.processors, ids, processed.unsqueeze(0).clone())[0]
-            if row.constraint is not None and row.constraint.is_dead_end(processed):
+                dead_end = row.constraint is not None and row.constraint.is_dead_end(processed)
+            if dead_end:
                 # Nothing is left to choose: never sample from all -inf (NaN); end the row.
                 row.dead_end = True
                 chosen[i, 0] = 0.0
@@ -197,6 +200,20 @@ class RowLogitsProcessor:
                 row.pending_logprob = state.logprob_for(row, raw, token)
             chosen[i, token] = 0.0
         return chosen
+
+    def _masked_rows(self, scores: torch.Tensor) -> dict[int, tuple[torch.Tensor, bool]]:
+        """Every live constrained row's logits with its grammar mask applied, all in one
+        tensor operation (unconstrained rows are not touched), and whether it is a dead end."""
+        rows = [
+            (i, row.constraint)
+            for i, row in enumerate(self.state.rows)
+            if row.constraint is not None and not row.finished
+        ]
+        if not rows:
+            return {}
+        block = scores.index_select(0, torch.tensor([i for i, _ in rows], device=scores.device))
+        dead = apply_masks(block, [c for _, c in rows])
+        return {i: (block[j], dead[j]) for j, (i, _) in enumerate(rows)}
 
     def _beam_rows(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         state = self.state

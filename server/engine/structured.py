@@ -54,6 +54,8 @@ class CompiledConstraint:
     grammar: str  # llguidance's grammar JSON
     prototype: Any  # llguidance.LLMatcher, never advanced
     vocab_size: int
+    # The end-of-sequence tokens llguidance itself allows exactly where the grammar is complete.
+    eos_ids: frozenset[int] = frozenset()
 
     def matcher(self) -> Any:
         return self.prototype.deep_copy()
@@ -151,7 +153,8 @@ class ConstraintCompiler:
         matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequestError.single(constraint.field, _compiler_message(matcher))
-        return CompiledConstraint(constraint, grammar, matcher, self.vocab_size)
+        eos = frozenset(int(t) for t in self._tokenizer().eos_tokens)
+        return CompiledConstraint(constraint, grammar, matcher, self.vocab_size, eos)
 
     def submit(self, constraint: Constraint) -> concurrent.futures.Future[CompiledConstraint]:
         """The compile of ``constraint``: cached, started in the pool if new. Raises
@@ -202,7 +205,8 @@ class RowConstraint:
         self.compiled = compiled
         self._matcher = compiled.matcher()
         self._stop_set = frozenset(int(t) for t in stop_ids)
-        self._stop_ids = torch.tensor(sorted(self._stop_set), dtype=torch.long)
+        # Only the stops llguidance does not already treat as its own end of sequence.
+        self._stop_list = sorted(self._stop_set - compiled.eos_ids)
         self._failed = False
 
     @property
@@ -215,25 +219,16 @@ class RowConstraint:
         """Complete and nothing may follow: only a stop token is allowed next."""
         return not self._failed and bool(self._matcher.is_stopped())
 
+    def _live(self) -> bool:
+        return not self._failed and not self._matcher.is_error()
+
     def allowed(self) -> torch.Tensor:
         """Boolean mask over the vocabulary of the tokens this row may produce next."""
-        vocab = self.compiled.vocab_size
-        if self._failed or self._matcher.is_error():
-            return torch.zeros(vocab, dtype=torch.bool)
-        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
-        unpacked = np.unpackbits(bits, bitorder="little")[:vocab].astype(bool)
-        mask = torch.from_numpy(unpacked)
-        if len(self._stop_ids):
-            mask[self._stop_ids] = self.is_complete
-        return mask
+        return stack_masks([self])[0]
 
     def apply_mask(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of disallowed tokens of this row (1-D) to -inf, in place."""
-        allowed = self.allowed()
-        width = min(len(allowed), logits.shape[-1])
-        logits[..., :width].masked_fill_(~allowed[:width], float("-inf"))
-        if logits.shape[-1] > width:
-            logits[..., width:] = float("-inf")
+        apply_masks(logits.unsqueeze(0), [self])
         return logits
 
     def is_dead_end(self, logits: torch.Tensor) -> bool:
@@ -248,6 +243,44 @@ class RowConstraint:
             self._failed = True
 
 
+_EXECUTOR: Any = None
+
+
+def _executor() -> Any:
+    # One Rust thread: the masks of a step are microseconds each, and the cores are the model's.
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = llguidance.LLExecutor(num_threads=1)
+    return _EXECUTOR
+
+
 def stack_masks(constraints: Sequence[RowConstraint]) -> torch.Tensor:
-    """The ``allowed()`` masks of several rows as one (rows, vocab) tensor (vectorised use)."""
-    return torch.stack([c.allowed() for c in constraints])
+    """The ``allowed()`` masks of several rows as one (rows, vocab) tensor (vectorised use).
+
+    Every live matcher writes its bitmask into one shared buffer in a single call (the GIL
+    released), and one unpack turns the buffer into booleans: the per-row Python cost is a
+    tuple, not a mask."""
+    vocab = constraints[0].compiled.vocab_size
+    words = (vocab + 31) // 32
+    bits = np.zeros((len(constraints), words), dtype=np.int32)
+    live = [(c._matcher, j) for j, c in enumerate(constraints) if c._live()]
+    if live:
+        _executor().unsafe_compute_mask_ptr(live, bits.ctypes.data, words * 4, len(constraints))
+    mask = np.unpackbits(bits.view(np.uint8), axis=1, count=vocab, bitorder="little")
+    allowed = mask.view(np.bool_)
+    for j, c in enumerate(constraints):
+        if c._stop_list:
+            allowed[j, c._stop_list] = c.is_complete
+    return torch.from_numpy(allowed)
+
+
+def apply_masks(logits: torch.Tensor, constraints: Sequence[RowConstraint]) -> list[bool]:
+    """Mask a (rows, vocab) block of logits in place, row i by ``constraints[i]``, in one
+    tensor operation; returns which rows are dead ends (no token left)."""
+    allowed = stack_masks(constraints).to(logits.device)
+    width = min(allowed.shape[1], logits.shape[1])
+    logits[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))
+    if logits.shape[1] > width:
+        logits[:, width:] = float("-inf")
+    dead = ~torch.isfinite(logits).any(dim=1)
+    return [bool(d) for d in dead.tolist()]

@@ -345,3 +345,52 @@ def test_completed_rows_satisfy_generated_constraints(
             continue
         assert seq.finish_reason in (FinishReason.EOS, FinishReason.LENGTH), seq
         assert satisfies(req.constraint, seq.text), (req.constraint, seq.text)
+
+
+def test_row_constraint_verbs_for_any_sampler() -> None:
+    """The per-row object a sampler plugs in: masks, stops only where complete, dead ends."""
+    import torch
+    from peftserve.server.demo_tokenizer import EOS_ID, SEP_ID, build_tokenizer, byte_token_id
+    from peftserve.server.engine.structured import (
+        ConstraintCompiler,
+        RowConstraint,
+        apply_masks,
+        stack_masks,
+    )
+
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    compiler = ConstraintCompiler(
+        tokenizer,
+        vocab,
+        max_text_length=1000,
+        timeout_s=30.0,
+        cache_size=4,
+        threads=1,
+        max_choices=8,
+    )
+    try:
+        compiled = compiler.compile(Constraint(ConstraintKind.CHOICE, choices=("ab", "b")))
+        # SEP stands in for a chat template's end-of-turn token: a stop llguidance does not know.
+        row = RowConstraint(compiled, [EOS_ID, SEP_ID])
+        other = RowConstraint(compiled, [EOS_ID])
+        a, b = byte_token_id(ord("a")), byte_token_id(ord("b"))
+        allowed = row.allowed()
+        assert set(torch.nonzero(allowed).flatten().tolist()) == {a, b}
+        row.accept(a)
+        assert not row.is_complete
+        assert set(torch.nonzero(row.allowed()).flatten().tolist()) == {b}
+        row.accept(b)
+        assert row.is_complete and row.is_stopped
+        assert set(torch.nonzero(row.allowed()).flatten().tolist()) == {EOS_ID, SEP_ID}
+        stacked = stack_masks([row, other])
+        assert torch.equal(stacked[0], row.allowed()) and torch.equal(stacked[1], other.allowed())
+        logits = torch.zeros(2, vocab)
+        logits[0, EOS_ID] = logits[0, SEP_ID] = float("-inf")  # e.g. min_new_tokens
+        assert apply_masks(logits, [row, other]) == [True, False]
+        assert int(torch.argmax(logits[1])) in (a, b)
+        # A token the grammar refuses puts the matcher in error: nothing is allowed after it.
+        other.accept(byte_token_id(ord("z")))
+        assert not other.allowed().any() and not other.is_complete
+    finally:
+        compiler.close()
