@@ -394,3 +394,31 @@ def test_row_constraint_verbs_for_any_sampler() -> None:
         assert not other.allowed().any() and not other.is_complete
     finally:
         compiler.close()
+
+
+def test_chat_end_of_turn_tokens_come_from_the_template() -> None:
+    from peftserve.server.demo_tokenizer import EOS_ID, SEP_ID, build_tokenizer
+    from peftserve.server.engine.chat import ChatRenderer
+
+    demo = ChatRenderer(build_tokenizer())
+    assert demo.has_template and demo.end_of_turn_ids == (EOS_ID,)
+    chatml_like = build_tokenizer()
+    # A template whose turns end with <sep> (as ChatML's end with <|im_end|>), then a newline.
+    chatml_like.chat_template = (
+        "{% for m in messages %}{{ bos_token + m['role'] + ':' + m['content'] + sep_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}{{ bos_token + 'assistant:' }}{% endif %}"
+    )
+    renderer = ChatRenderer(chatml_like)
+    assert renderer.end_of_turn_ids == (SEP_ID,)
+    ids = renderer.render(ChatInput((ChatMessage("user", "hi"),)))
+    assert chatml_like.decode(ids) == "<s>user:hi<sep>\n<s>assistant:"
+    none = build_tokenizer()
+    none.chat_template = None
+    assert not ChatRenderer(none).has_template
+
+
+def test_chat_requests_stop_at_the_end_of_turn(engine: Engine) -> None:
+    chat = engine.prepare(GenerationRequest("c", chat=ChatInput((ChatMessage("user", "hi"),))))
+    text = engine.prepare(GenerationRequest("t", text="hi"))
+    assert chat.extra_stop_ids == engine._chat.end_of_turn_ids != ()
+    assert text.extra_stop_ids == ()
