@@ -273,6 +273,21 @@ FAMILIES: dict[str, Family] = {
             embed_name="word_embeddings",
         ),
         Family(
+            "falcon-alibi",
+            _cfg(
+                "FalconConfig",
+                hidden_size=32,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                alibi=True,
+                multi_query=True,
+                parallel_attn=True,
+            ),
+            "bpe",
+            embed_name="word_embeddings",
+            notes="ALiBi, multi-query attention (Falcon-7B layout)",
+        ),
+        Family(
             "qwen2_moe",
             _llama_like(
                 "Qwen2MoeConfig",

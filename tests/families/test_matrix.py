@@ -32,7 +32,7 @@ PROMPTS = (
     "A serving system batches requests from many clients and adapters; every request",
 )
 # Every family's context length as its config states it (BLOOM states none: ALiBi).
-CONTEXT = {"bloom": 2**32 - 1, "mpt": 128}
+CONTEXT = {"bloom": 2**32 - 1, "mpt": 128, "falcon-alibi": 2048}
 MAY_REFUSE = ("saved", "prompt", "prefix")
 
 
