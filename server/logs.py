@@ -28,7 +28,9 @@ import time
 import warnings
 from typing import IO, Any
 
-# Attributes every LogRecord has; anything else was passed through ``extra=`` and is printed.
+# Attributes every LogRecord has; anything else was passed through ``extra=`` and is printed,
+# except private (``_``-prefixed) ones, which record factories of other libraries add to every
+# record (Ray's ``_ray_timestamp_ns`` once ``ray`` is imported): never ours, never a field.
 _STANDARD_ATTRS = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
 )
@@ -37,7 +39,11 @@ _NEEDS_QUOTES = re.compile(r'[\s="]')
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
+    return {
+        k: v
+        for k, v in record.__dict__.items()
+        if k not in _STANDARD_ATTRS and not k.startswith("_")
+    }
 
 
 def escape(text: str) -> str:

@@ -233,3 +233,37 @@ def test_json_log_format_makes_every_line_json() -> None:
     loggers = {r["logger"] for r in records}
     assert "peftserve.requests" in loggers
     assert "grpc.core" in loggers, "gRPC core's own line (bad grpc-timeout) is relayed as JSON"
+
+
+def test_private_attributes_of_record_factories_are_not_fields() -> None:
+    """Once ``ray`` is imported, every record carries ``_ray_timestamp_ns`` (Ray installs a
+    record factory); such private attributes must not become fields of our lines."""
+    from peftserve.server.logs import JsonFormatter
+
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record._framework_timestamp_ns = 123  # type: ignore[attr-defined]
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        record = logging.getLogger("peftserve.requests").makeRecord(
+            "peftserve.requests",
+            logging.INFO,
+            __file__,
+            1,
+            "request",
+            None,
+            None,
+            extra={"rpc": "Generate", "request_id": "r1"},
+        )
+    finally:
+        logging.setLogRecordFactory(previous)
+    text = TextFormatter().format(record)
+    assert "_framework_timestamp_ns" not in text
+    assert text.endswith("request rpc=Generate request_id=r1")
+    fields = json.loads(JsonFormatter().format(record))
+    assert "_framework_timestamp_ns" not in fields
+    assert fields["rpc"] == "Generate" and fields["request_id"] == "r1"
