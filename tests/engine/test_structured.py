@@ -422,3 +422,34 @@ def test_chat_requests_stop_at_the_end_of_turn(engine: Engine) -> None:
     text = engine.prepare(GenerationRequest("t", text="hi"))
     assert chat.extra_stop_ids == engine._chat.end_of_turn_ids != ()
     assert text.extra_stop_ids == ()
+
+
+def test_constrained_rows_joining_mid_flight_get_their_solo_tokens(
+    engine: Engine, aio: asyncio.Runner
+) -> None:
+    """Constrained requests that arrive while other rows are decoding (they join the running
+    batch at a step boundary with the iteration-level loop) get the tokens they get alone."""
+    late = [
+        request(f"late-{name}", CONSTRAINTS[name], sample=sample)
+        for name in ("schema", "regex", "grammar")
+        for sample in (False, True)
+    ]
+    alone = [run(aio, engine, [r])[0] for r in late]
+
+    async def go() -> list[GenerationResult]:
+        long = GenerationRequest(
+            "long", text="a long running row", parameters=GenerationParams(max_new_tokens=48)
+        )
+        handle = engine.submit(long, stream=True)
+        events = handle.event_batches()
+        await anext(events)  # the long row is decoding now
+        handles = [engine.submit(r) for r in late]
+        results = list(await asyncio.gather(*(h.result() for h in handles)))
+        async for _ in events:
+            pass
+        await handle.result()
+        return results
+
+    for solo, joined in zip(alone, aio.run(go()), strict=True):
+        assert joined.sequences[0].token_ids == solo.sequences[0].token_ids, solo.request_id
+        assert joined.sequences[0].incomplete == solo.sequences[0].incomplete
