@@ -151,6 +151,10 @@ class ConstraintCompiler:
 
     def _build(self, constraint: Constraint, grammar: str) -> CompiledConstraint:
         matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
+        if not matcher.is_error():
+            # The first mask builds the lexer's start states: here, not in the decode loop
+            # (rows' copies share what it built). It does not advance the matcher.
+            matcher.compute_bitmask()
         if matcher.is_error():
             raise InvalidRequestError.single(constraint.field, _compiler_message(matcher))
         eos = frozenset(int(t) for t in self._tokenizer().eos_tokens)
