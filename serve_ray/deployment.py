@@ -85,7 +85,10 @@ def engine_config(options: Mapping[str, Any] | None = None) -> EngineConfig:
         pinned = values["pinned_adapters"]
         values["pinned_adapters"] = tuple(pinned.split(",") if isinstance(pinned, str) else pinned)
     if values.get("device", "auto") == "auto":
-        values["device"] = "cuda:0" if ray.get_gpu_ids() else "cpu"
+        # Outside a Ray worker (tests, tools) there are no assigned GPUs; asking would start
+        # a Ray instance (Ray's calls initialise one on demand).
+        assigned = ray.is_initialized() and bool(ray.get_gpu_ids())
+        values["device"] = "cuda:0" if assigned else "cpu"
     return EngineConfig(**values)
 
 

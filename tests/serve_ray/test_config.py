@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ray
 from peftserve.ray import local
 from peftserve.ray.app import AUTOSCALING_DEFAULTS, PeftServe, build_app
 from peftserve.ray.deployment import RAY_ENGINE_DEFAULTS, engine_config
@@ -38,6 +39,7 @@ def test_engine_options_from_yaml_values() -> None:
     assert config.lazy_load_adapters is RAY_ENGINE_DEFAULTS["lazy_load_adapters"]
     assert config.preload_adapters is False
     assert config.device == "cpu"  # no GPU assigned by Ray here
+    assert not ray.is_initialized()  # and finding that out started no Ray instance
     assert engine_config({"pinned_adapters": "upper,title"}).pinned_adapters == ("upper", "title")
 
 
