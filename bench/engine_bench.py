@@ -121,8 +121,8 @@ def main() -> None:
             t_mixed = min([await run_engine(engine, mixed) for _ in range(args.repeats)])
             t_single = min([await run_engine(engine, single) for _ in range(args.repeats)])
             profiler = cProfile.Profile()
-            runner: Any = engine._runner
-            original = runner.run
+            batcher: Any = engine._batcher
+            original = batcher._iterate
 
             def profiled(*a: Any, **k: Any) -> None:
                 profiler.enable()  # cProfile sees only its own thread: enable inside the worker
@@ -131,9 +131,9 @@ def main() -> None:
                 finally:
                     profiler.disable()
 
-            runner.run = profiled
+            batcher._iterate = profiled
             await run_engine(engine, mixed)
-            runner.run = original
+            batcher._iterate = original
             await engine.stop()
             return t_mixed, t_single, pstats.Stats(profiler)
 

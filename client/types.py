@@ -201,6 +201,8 @@ class ServerLimits:
     # Structured output limits (0 from servers without constraints).
     max_constraint_text_length: int = 0
     constraint_compile_timeout_ms: int = 0
+    # Prompt tokens fed per decode step (longer prompts are chunked); 0 from older servers.
+    max_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -92,9 +92,18 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("engine", "model_id", "model id reported to clients (default: directory name)"),
     _Option("engine", "device", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
     _Option("engine", "dtype", "weights dtype", choices=("float32", "bfloat16", "float16")),
-    _Option("engine", "max_batch_size", "most requests in one batch"),
-    _Option("engine", "max_batch_tokens", "padded-token budget of one batch"),
-    _Option("engine", "max_wait_ms", "how long a batch's first request waits for companions"),
+    _Option("engine", "max_batch_size", "most model rows decoding at once"),
+    _Option(
+        "engine",
+        "max_batch_tokens",
+        "KV-cache budget in tokens; each running request reserves rows x (prompt + max_new_tokens)",
+    ),
+    _Option(
+        "engine",
+        "max_prefill_tokens",
+        "most prompt tokens fed per step; longer prompts are prefilled in chunks",
+    ),
+    _Option("engine", "max_wait_ms", "when idle, how long the first request waits for companions"),
     _Option("engine", "max_queue_size", "waiting requests beyond this get RESOURCE_EXHAUSTED"),
     _Option("engine", "max_prompt_tokens", "most prompt tokens per request (default: context)"),
     _Option(
@@ -340,7 +349,7 @@ def validate_config(config: ServerConfig) -> list[str]:
         problems.append(f"--adapters-dir {engine.adapters_dir} is not a directory")
     if ":" not in config.address:
         problems.append(f"--address {config.address!r} must be host:port")
-    for name in ("max_batch_size", "max_batch_tokens", "max_queue_size"):
+    for name in ("max_batch_size", "max_batch_tokens", "max_prefill_tokens", "max_queue_size"):
         if getattr(engine, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if engine.max_prompt_bytes is not None and engine.max_prompt_bytes < 1:

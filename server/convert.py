@@ -279,6 +279,7 @@ def model_info_response(info: ModelInfo) -> pb.GetModelInfoResponse:
             max_top_logprobs=limits.max_top_logprobs,
             max_constraint_text_length=limits.max_constraint_text_length,
             constraint_compile_timeout_ms=round(limits.constraint_compile_timeout_s * 1000),
+            max_prefill_tokens=limits.max_prefill_tokens,
         ),
         chat_template=info.chat_template,
     )

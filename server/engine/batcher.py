@@ -1,44 +1,41 @@
-"""The batcher: bounded FIFO queue, batch formation, the worker thread and result fan-out.
+"""The batcher: the queue, the worker thread and its decode loop, one iteration at a time.
 
-Batch formation. The oldest queued request (the head) always goes into the next batch, so no
-request starves; younger requests join it in FIFO order while they share its ``BatchKey`` and
-fit ``max_batch_size`` (model rows), the padded-token budget ``max_batch_tokens`` (rows x
-(longest prompt + largest max_new_tokens)) and the context window. The head waits at most
-``max_wait_ms`` for companions. A head that alone exceeds the budget still runs, alone.
+Each iteration of the loop (``_iterate``), on the worker thread:
 
-What splits batches (``BatchKey``), and why - nothing else does:
+1. run the work handed over for between steps (adapter attach/detach: ``run_between_steps``);
+2. end running rows whose request was cancelled or passed its deadline; expire queued ones;
+3. admit queued requests (``scheduler.py``: FIFO, by rows and KV budget);
+4. one step (``_step``): prefill what the prefill budget allows, one decode forward of every
+   running sub-batch, then one sampler call for every row that gets a token;
+5. rows that finished leave their sub-batch at once (``SubBatch.filter``), so the next
+   iteration admits into the room they freed.
 
-* the adapter type group: one ``PeftModel`` per PEFT type (peft cannot mix types in one);
-* an adapter that cannot be mixed (anything but plain LoRA): peft's ``adapter_names`` is
-  silently ignored by e.g. IA3, so such an adapter runs in batches of its own;
-* beam search: ``generate`` takes one ``num_beams``, ``num_return_sequences``,
-  ``length_penalty`` and ``early_stopping`` per call, and beam hypotheses end only at EOS or
-  the call's length limit, so beam requests batch only with the same beam configuration
-  and ``max_new_tokens``.
+When nothing runs, the first queued request waits at most ``max_wait_ms`` for companions (so a
+burst starts as one batch); while anything runs, a new request joins at the next iteration.
+Beam requests run through ``generate`` (``beams.py``) and drive this same loop from its
+per-step callback, so they never freeze the running batch.
 
-* rows whose output depends on their neighbours (``BatchKey.partition``): prompt-learning
-  adapters batch only with prompts of the same length, and LongRoPE models never mix rows on
-  both sides of the RoPE switch (see ``mixing.py`` and ``quirks.py``).
-
-Sampling parameters, seeds, ``num_return_sequences`` without beams, stop sequences, EOS,
-``max_new_tokens``, penalties, bad words and logprobs are all per row (see ``rows.py``).
+Accelerator out-of-memory in a step: see ``_recover_from_oom``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
+from . import kv_cache
+from .beams import BeamRunner, beam_key
 from .config import EngineConfig
 from .errors import (
     BatchOutOfMemoryError,
@@ -47,20 +44,18 @@ from .errors import (
     PeftServeError,
     QueueFullError,
 )
-from .handle import Job
-from .runner import Batch, BatchKey, ModelRunner
-from .types import FinishReason, GenerationResult, SequenceResult
+from .handle import Job, flush_events
+from .results import build_result
+from .rows import RowFactory, accept, finish, interruption
+from .running import Prefill, RunningBatch, SubBatch, SubBatchKey
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .step import ModelStep, prefill_inputs
+from .types import FinishReason
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class _TasksPending:
-    """Returned by ``_next_batch`` when work between batches (adapter loads) is waiting."""
-
-
-_TASKS_PENDING = _TasksPending()
 
 
 @dataclass(frozen=True)
@@ -68,9 +63,9 @@ class EngineStats:
     """A snapshot of the engine's load, read by metrics and admission decisions."""
 
     queued: int  # requests admitted and waiting to run
-    running: int  # requests with rows in the running batch
+    running: int  # requests admitted to the running batch (prefilling, decoding, beams)
     completed: int
-    # Requests per batch -> number of batches of that size.
+    # Batch size a request ran at (most requests sharing its forward) -> requests that ran.
     batch_size_histogram: dict[int, int] = field(default_factory=dict)
     running_rows: int = 0  # model rows (sequences, beams) of the running requests
     # KV-cache tokens reserved by running requests, and the budget they are admitted against.
@@ -90,15 +85,31 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class StepStats:
-    """One forward step of the running batch, reported to step listeners (worker thread)."""
+    """One iteration of the decode loop, reported to step listeners (worker thread)."""
 
     prefill_tokens: int  # prompt tokens fed through the model in this step
-    decode_tokens: int  # rows that produced a token in this step
-    rows: int  # model rows in the forward
+    decode_tokens: int  # rows that were decoding before this step and got a token in it
+    rows: int  # model rows that got a token in this step (decoding + newly prefilled)
     seconds: float  # wall time of the step
 
 
 StepListener = Callable[[StepStats], None]
+KeyFor = Callable[[Job], SubBatchKey]
+# The model family's quirk partition: a row of this many tokens never shares a forward with a
+# row of another partition (e.g. both sides of Phi-3 LongRoPE's switch). Default: one.
+Partition = Callable[[int], Hashable]
+
+
+def no_partition(length: int) -> Hashable:
+    return None
+
+
+@dataclass
+class _Forward:
+    """One forward of a step, waiting for its rows' tokens from the shared sampler call."""
+
+    batch: SubBatch
+    new: bool  # a prefilled sub-batch that joins the running batch after its first token
 
 
 class Batcher:
@@ -107,30 +118,48 @@ class Batcher:
     def __init__(
         self,
         config: EngineConfig,
-        runner: ModelRunner,
-        key_for: Callable[[Job], BatchKey],
+        step: ModelStep,
+        rows: RowFactory,
+        beams: BeamRunner,
+        sampler: Sampler,
+        key_for: KeyFor,
         model_id: str,
-        context_length: int,
+        pad_token_id: int,
     ) -> None:
         self._config = config
-        self._runner = runner
+        self._step_model = step
+        self._rows = rows
+        self._beams = beams
+        self._sampler = sampler
         self._key_for = key_for
+        self.partition: Partition = no_partition
         self._model_id = model_id
-        self._context_length = context_length
+        self._pad_token_id = pad_token_id
         self._cond = threading.Condition()
-        self._queue: list[Job] = []
-        self._keys: dict[int, BatchKey] = {}
+        self._scheduler = Scheduler(
+            config.max_batch_size, config.max_batch_tokens, config.max_prefill_tokens
+        )
         self._running: set[Job] = set()
         self._completed = 0
         self._histogram: Counter[int] = Counter()
-        self._batch_seconds_ema = 0.5  # a prior; replaced by measurements
+        self._step_seconds_ema = 0.05  # a prior; replaced by measurements
         self._admitting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # Work that must not overlap a batch (attaching/detaching adapters to a PeftModel the
-        # running batch may be using); the worker runs it before forming the next batch.
+        # Work that must not overlap a model step (attaching/detaching adapters to a PeftModel
+        # a running row may be using); the worker runs it between iterations.
         self._tasks: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._step_listeners: list[StepListener] = []
+        # Worker thread only.
+        self._batch = RunningBatch()
+        self._prefills: list[Prefill] = []
+        self._beams_waiting: list[Job] = []
+        self._finished: list[Job] = []  # done in this iteration, outcome not yet published
+        self._oom_retrying: set[Job] = set()
+
+    @property
+    def _queue(self) -> list[Job]:
+        return self._scheduler.queue
 
     # ---- lifecycle (event-loop thread) ----
     def start(self) -> None:
@@ -149,10 +178,22 @@ class Batcher:
         with self._cond:
             return len(self._queue) + len(self._running)
 
+    def tracked(self) -> int:
+        """Per-request entries the batcher holds anywhere (0 when idle; more is a leak)."""
+        with self._cond:
+            return (
+                len(self._queue)
+                + len(self._running)
+                + len(self._prefills)
+                + len(self._beams_waiting)
+                + self._batch.rows()
+                + len(self._oom_retrying)
+            )
+
     def abort_all(self, reason: str) -> None:
         """Fail queued requests with UNAVAILABLE; stop running rows at their next step."""
         with self._cond:
-            queued, self._queue = self._queue, []
+            queued, self._scheduler.queue = self._queue, []
             for job in self._running:
                 job.cancelled = True
             self._cond.notify_all()
@@ -182,14 +223,15 @@ class Batcher:
             )
         waiting = len(self._queue) + reserved
         if waiting >= self._config.max_queue_size:
+            # About how long until the queue moves: the requests ahead of it, a batch at a
+            # time, each taking its tokens' worth of recent steps.
             batches_ahead = waiting / max(1, self._config.max_batch_size) + 1
-            raise QueueFullError(waiting, max(0.1, self._batch_seconds_ema * batches_ahead))
+            per_batch = self._step_seconds_ema * self._config.default_max_new_tokens
+            raise QueueFullError(waiting, max(0.1, per_batch * batches_ahead))
 
     def admit(self, job: Job) -> None:
-        key = self._key_for(job)
         with self._cond:
             self._check_admission_locked(0)
-            self._keys[id(job)] = key
             self._queue.append(job)
             self._cond.notify_all()
 
@@ -199,12 +241,10 @@ class Batcher:
             queued = job in self._queue
             if queued:
                 self._queue.remove(job)
-                # Every path out of the queue must drop the job's key, or each cancel leaks one.
-                self._keys.pop(id(job), None)
                 job.done = True
                 self._completed += 1
         if queued:
-            job.publish_outcome(self._result(job, FinishReason.CANCELLED))
+            job.publish_outcome(build_result(job, FinishReason.CANCELLED, self._model_id))
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -238,15 +278,15 @@ class Batcher:
         for listener in list(self._step_listeners):
             try:
                 listener(step)
-            except Exception:  # a listener's bug must not fail the batch
+            except Exception:  # a listener's bug must not fail the step
                 logger.exception("step listener failed")
 
-    # ---- worker thread ----
-    def run_between_batches(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run ``fn`` on the worker thread when no batch is running; a future of its result.
+    # ---- between steps ----
+    def run_between_steps(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the worker thread between two model steps; a future of its result.
 
-        Before the worker starts (or after it stopped) nothing can be running, so ``fn`` runs
-        right here.
+        Never while a beam search's ``generate`` call is running. Before the worker starts (or
+        after it stopped) nothing can be running, so ``fn`` runs right here.
         """
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cond:
@@ -264,126 +304,37 @@ class Batcher:
         for fn, future in tasks:
             _run_task(fn, future)
 
+    # ---- worker thread ----
     def _work(self) -> None:
         while True:
             self._run_tasks()
-            batch = self._next_batch()
-            if isinstance(batch, _TasksPending):
-                continue
-            if batch is None:
+            if not self._wait_for_work():
                 self._run_tasks()  # nothing runs any more: finish what was handed over
                 return
-            started = time.monotonic()
-            try:
-                self._run_splitting_on_oom(batch)
-            except Exception as e:  # a bug or a device error: fail the batch, keep serving
-                logger.exception("batch failed")
-                for job in batch.jobs:
-                    self._fail(
-                        job,
-                        PeftServeError(f"internal error while generating: {type(e).__name__}: {e}"),
-                    )
-            elapsed = time.monotonic() - started
-            with self._cond:
-                self._batch_seconds_ema = 0.8 * self._batch_seconds_ema + 0.2 * elapsed
+            if self._beams_waiting:
+                self._run_beams()
+            else:
+                self._iterate()
 
-    def _run_splitting_on_oom(self, batch: Batch) -> None:
-        """Run a batch; on accelerator OOM retry its requests in halves where that is invisible.
+    def _busy(self) -> bool:
+        return bool(self._prefills or self._beams_waiting or self._batch.rows())
 
-        A retry is invisible for every request whose tokens nobody has seen: unary requests
-        (their rows are rebuilt with the same seeds, so they get the same tokens) and streams
-        that have not produced a token yet. A stream that already emitted tokens cannot be
-        restarted without the client seeing text twice, and a request that does not fit even
-        alone cannot be helped; both fail with BatchOutOfMemoryError (RESOURCE_EXHAUSTED).
-        The other requests and the server carry on.
-        """
-        if self._run_catching_oom(batch):
-            return
-        # Only here, outside the ``except`` clause, are the failed attempt's frames (and the
-        # activations and KV cache they reference) released, so the cache can really shrink
-        # before the retry; inside the clause the traceback would keep them alive.
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        pending = [job for job in batch.jobs if not job.done]
-        streamed = [job for job in pending if job.handle.stream and _produced_tokens(job)]
-        retry = [job for job in pending if job not in streamed]
-        for job in streamed:
-            self._fail(
-                job,
-                BatchOutOfMemoryError(
-                    "the accelerator ran out of memory after this stream had started; "
-                    "retry later or lower max_new_tokens / num_beams"
-                ),
-            )
-        if len(batch.jobs) > 1 and retry:
-            logger.warning(
-                "out of memory on a batch of %d requests; retrying %d in halves",
-                len(batch.jobs),
-                len(retry),
-            )
-            half = len(retry) // 2
-            for part in (retry[:half], retry[half:]):
-                if not part:
-                    continue
-                for job in part:
-                    job.batch_size = len(part)
-                    job.rows = []
-                    job.pending_events = []
-                self._run_splitting_on_oom(Batch(batch.key, part))
-            return
-        for job in retry:
-            logger.error("out of memory on request %r alone; failing it", job.request_id)
-            self._fail(
-                job,
-                BatchOutOfMemoryError(
-                    "the accelerator ran out of memory for this request even alone; "
-                    "retry later or lower max_new_tokens / num_beams"
-                ),
-            )
-
-    def _run_catching_oom(self, batch: Batch) -> bool:
-        """Run the batch; False if the accelerator ran out of memory."""
-        rows = sum(j.prepared.model_rows for j in batch.jobs)
-        prompt_tokens = sum(j.prepared.model_rows * len(j.prepared.prompt_ids) for j in batch.jobs)
-        last = [time.monotonic(), True]  # [time of the previous step's end, first step pending]
-
-        def on_step() -> None:
-            # generate's stopping criteria run once per step, right after its forward.
-            now = time.monotonic()
-            first = bool(last[1])
-            self._report_step(
-                StepStats(
-                    prefill_tokens=prompt_tokens if first else 0,
-                    decode_tokens=rows,
-                    rows=rows,
-                    seconds=now - float(last[0]),
-                )
-            )
-            last[0], last[1] = now, False
-            self._expire_queued()
-
-        try:
-            self._runner.run(batch, self._job_finished, on_step)
-        except torch.OutOfMemoryError:
-            return False
-        return True
-
-    def _next_batch(self) -> Batch | _TasksPending | None:
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to do; False once the batcher stops."""
         max_wait_s = self._config.max_wait_ms / 1000.0
         with self._cond:
             while True:
                 if self._stopping:
-                    return None
-                if self._tasks:
-                    return _TASKS_PENDING
+                    return False
                 self._expire_queued_locked()
+                if self._tasks or self._busy():
+                    return True
                 if not self._queue:
                     self._cond.wait(timeout=self._nearest_deadline_wait())
                     continue
+                # Idle: the head waits briefly for companions, so a burst starts together.
                 head = self._queue[0]
-                jobs = self._compatible(head)
-                rows = sum(j.prepared.model_rows for j in jobs)
+                rows = sum(j.prepared.model_rows for j in self._queue)
                 wait = head.enqueued_at + max_wait_s - time.monotonic()
                 if wait > 0 and rows < self._config.max_batch_size and self._admitting:
                     deadline_wait = self._nearest_deadline_wait()
@@ -391,43 +342,315 @@ class Batcher:
                         timeout=wait if deadline_wait is None else min(wait, deadline_wait)
                     )
                     continue
-                now = time.monotonic()
-                key = self._keys[id(head)]
-                for job in jobs:
-                    self._queue.remove(job)
-                    self._keys.pop(id(job), None)
+                return True
+
+    def _iterate(self) -> None:
+        """One loop iteration; any failure fails the running requests, never the server."""
+        failed_oom = False
+        try:
+            self._interrupt()
+            self._admit()
+            stats = self._step()
+            if stats is not None:
+                self._report_step(stats)
+        except torch.OutOfMemoryError:
+            failed_oom = True
+        except Exception as e:  # a bug or a device error: fail what ran, keep serving
+            logger.exception("decode step failed")
+            error = PeftServeError(f"internal error while generating: {type(e).__name__}: {e}")
+            for job in self._step_jobs():
+                self._fail(job, error)
+            self._batch.clear()
+            self._prefills.clear()
+        if failed_oom:
+            # Outside the except clause: only now are the failed step's frames (activations,
+            # caches) released, so memory can really be returned before anything is retried.
+            self._recover_from_oom()
+        self._publish_finished()
+
+    def _step_jobs(self) -> list[Job]:
+        jobs = [p.job for p in self._prefills]
+        for batch in self._batch:
+            jobs.extend(batch.jobs())
+        return list(dict.fromkeys(jobs))
+
+    def _interrupt(self) -> None:
+        """End cancelled / deadline-passed rows now; they leave before the next forward."""
+        for batch in self._batch:
+            for job in batch.jobs():
+                reason = interruption(job)
+                if reason is not None:
+                    for row in job.rows:
+                        finish(row, reason, self._job_finished)
+            batch.filter([i for i, row in enumerate(batch.rows) if not row.finished])
+        self._batch.drop_empty()
+        kept: list[Prefill] = []
+        for prefill in self._prefills:
+            reason = interruption(prefill.job)
+            if reason is None:
+                kept.append(prefill)
+            else:
+                for row in prefill.rows:
+                    finish(row, reason, self._job_finished)
+        self._prefills = kept
+        for job in list(self._beams_waiting):
+            reason = interruption(job)
+            if reason is not None:
+                self._beams_waiting.remove(job)
+                for row in job.rows:
+                    finish(row, reason, self._job_finished)
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self._expire_queued_locked()
+            rows = sum(j.prepared.model_rows for j in self._running)
+            kv = sum(j.prepared.padded_tokens for j in self._running)
+            admitted = self._scheduler.admit(rows, kv)
+            for job in admitted:
+                self._running.add(job)
+                if job.started_at is None:
                     job.started_at = now
-                    job.batch_size = len(jobs)
-                    self._running.add(job)
-                self._histogram[len(jobs)] += 1
-                return Batch(key, jobs)
-
-    def _compatible(self, head: Job) -> list[Job]:
-        """The head plus, in FIFO order, every queued request that fits its batch."""
-        cfg = self._config
-        key = self._keys[id(head)]
-        chosen = [head]
-        rows = head.prepared.model_rows
-        width = len(head.prepared.prompt_ids)
-        new = head.prepared.effective.max_new_tokens
-        for job in self._queue[1:]:
-            if self._keys[id(job)] != key:
+        for job in admitted:
+            prepared = job.prepared
+            if prepared.beams:
+                job.rows = self._rows.rows(job, 1, seeded=False)
+                self._beams_waiting.append(job)
                 continue
-            p = job.prepared
-            r = rows + p.model_rows
-            w = max(width, len(p.prompt_ids))
-            n = max(new, p.effective.max_new_tokens)
+            job.rows = self._rows.rows(job, prepared.effective.num_return_sequences)
+            key = dataclasses.replace(
+                self._key_for(job), partition=self.partition(len(prepared.prompt_ids))
+            )
+            self._prefills.append(Prefill(job, job.rows, key))
+
+    # ---- the step ----
+    def _step(self) -> StepStats | None:
+        started = time.monotonic()
+        forwards, prefill_tokens = self._prefill()
+        decode_tokens = 0
+        for batch in self._batch:
+            if not self._step_model.can_run(batch.key):
+                continue  # a beam search holds this model on another adapter: wait
+            input_ids, mask, positions = batch.decode_inputs()
+            logits = self._step_model.forward(
+                batch.key, batch.rows, input_ids, mask, positions, batch.cache
+            )
+            batch.advance()
+            forwards.append((_Forward(batch, new=False), logits))
+            decode_tokens += len(batch)
+        if not forwards:
+            return None
+        for f, _ in forwards:
+            jobs = f.batch.jobs()
+            for job in jobs:
+                job.batch_size = max(job.batch_size, len(jobs))
+        rows = [row for f, _ in forwards for row in f.batch.rows]
+        logits = torch.cat([lg for _, lg in forwards]) if len(forwards) > 1 else forwards[0][1]
+        choices = self._sampler.choose(logits, rows)
+        offset = 0
+        for f, _ in forwards:
+            n = len(f.batch)
+            f.batch.next_tokens = choices.tokens[offset : offset + n]
+            for i, row in enumerate(f.batch.rows):
+                if row.dead_end:
+                    finish(row, FinishReason.CONSTRAINT_DEAD_END, self._job_finished)
+                    continue
+                accept(
+                    row,
+                    choices.token_ids[offset + i],
+                    choices.logprobs[offset + i],
+                    self._job_finished,
+                )
+            offset += n
+        for f, _ in forwards:
+            if f.new:
+                self._batch.add(f.batch)  # joins the running batch (merged where exact)
+        self._leave_and_move()
+        flush_events(list(dict.fromkeys(row.job for row in rows)))
+        seconds = time.monotonic() - started
+        self._step_seconds_ema = 0.9 * self._step_seconds_ema + 0.1 * seconds
+        if len(self._oom_retrying) == 0:
+            self._scheduler.row_cap = self._config.max_batch_size
+        return StepStats(prefill_tokens, decode_tokens, len(rows), seconds)
+
+    def _prefill(self) -> tuple[list[tuple[_Forward, torch.Tensor]], int]:
+        """This step's prompt work: whole prompts by key, then chunks of long ones."""
+        plan = self._scheduler.plan_prefill(self._prefills)
+        forwards: list[tuple[_Forward, torch.Tensor]] = []
+        tokens = 0
+        done: set[int] = set()
+        step = self._step_model
+        device = step.device
+        for key, group in plan.whole.items():
+            if not step.can_run(key):
+                continue
+            prompts = [p.prompt for p in group]
+            input_ids, mask, positions, pads = prefill_inputs(prompts, self._pad_token_id, device)
+            cache = kv_cache.new_cache(step.model_config)
+            logits = step.forward(
+                key,
+                [p.rows[0] for p in group],
+                input_ids,
+                mask if any(pads) else None,
+                positions,
+                cache,
+            )
+            forwards.append(self._joined(key, group, logits, cache, mask, pads))
+            tokens += sum(len(p) for p in prompts)
+            done.update(id(p) for p in group)
+        for prefill, take in plan.chunks:
+            if not step.can_run(prefill.key):
+                continue
+            if prefill.cache is None:
+                prefill.cache = kv_cache.new_cache(step.model_config)
+            start = prefill.done
+            chunk = torch.tensor(
+                [prefill.prompt[start : start + take]], dtype=torch.long, device=device
+            )
+            positions = torch.arange(start, start + take, device=device).unsqueeze(0)
+            logits = step.forward(
+                prefill.key, prefill.rows[:1], chunk, None, positions, prefill.cache
+            )
+            prefill.done += take
+            tokens += take
+            if prefill.remaining == 0:
+                width = len(prefill.prompt)
+                mask = torch.ones((1, width), dtype=torch.long, device=device)
+                forwards.append(
+                    self._joined(prefill.key, [prefill], logits, prefill.cache, mask, [0])
+                )
+                done.add(id(prefill))
+        self._prefills = [p for p in self._prefills if id(p) not in done]
+        return forwards, tokens
+
+    def _joined(
+        self,
+        key: SubBatchKey,
+        group: list[Prefill],
+        logits: torch.Tensor,
+        cache: Any,
+        mask: torch.Tensor,
+        pads: list[int],
+    ) -> tuple[_Forward, torch.Tensor]:
+        """The sub-batch prefilled prompts become (one row per returned sequence: a prompt
+        is fed once and its cache row repeated), with the matching logits."""
+        index = [i for i, p in enumerate(group) for _ in p.rows]
+        rows = [row for p in group for row in p.rows]
+        if index != list(range(len(group))):
+            select = torch.tensor(index, dtype=torch.long, device=mask.device)
+            kv_cache.select_rows(cache, select)
+            mask = mask.index_select(0, select)
+            logits = logits.index_select(0, select)
+        lengths = [len(group[i].prompt) for i in index]
+        positions = torch.tensor(lengths, dtype=torch.long, device=mask.device)
+        batch = SubBatch(key, rows, cache, mask, [pads[i] for i in index], positions)
+        return _Forward(batch, new=True), logits
+
+    def _leave_and_move(self) -> None:
+        """Finished rows leave now; rows whose quirk partition changed move sub-batch."""
+        moved: list[SubBatch] = []
+        for batch in self._batch:
+            keep: list[int] = []
+            move: list[int] = []
+            for i, row in enumerate(batch.rows):
+                if row.finished:
+                    continue
+                (move if self.partition(row.length) != batch.key.partition else keep).append(i)
+            if move:
+                moved.append(_split(batch, move, self.partition(batch.rows[move[0]].length)))
+            batch.filter(keep)
+        self._batch.drop_empty()
+        for batch in moved:
+            self._batch.add(batch)
+
+    # ---- beams ----
+    def _run_beams(self) -> None:
+        head = self._beams_waiting[0]
+        key = beam_key(head, self._key_for(head).group)
+        cap = max(self._scheduler.row_cap, head.prepared.model_rows)
+        jobs: list[Job] = []
+        rows = 0
+        for job in list(self._beams_waiting):
             if (
-                r > cfg.max_batch_size
-                or r * (w + n) > cfg.max_batch_tokens
-                or w + n > self._context_length
-                or (key.length_limit and w + n - 1 > key.length_limit)
+                beam_key(job, self._key_for(job).group) == key
+                and rows + job.prepared.model_rows <= cap
             ):
-                continue
-            chosen.append(job)
-            rows, width, new = r, w, n
-        return chosen
+                jobs.append(job)
+                rows += job.prepared.model_rows
+        for job in jobs:
+            self._beams_waiting.remove(job)
+            job.batch_size = len(jobs)
+        failed_oom = False
+        try:
+            self._beams.run(key, jobs, self._iterate, self._job_finished)
+        except torch.OutOfMemoryError:
+            failed_oom = True
+        except Exception as e:
+            logger.exception("beam search failed")
+            error = PeftServeError(f"internal error while generating: {type(e).__name__}: {e}")
+            for job in jobs:
+                self._fail(job, error)
+        if failed_oom:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._retry_or_fail([j for j in jobs if not j.done], alone=len(jobs) == 1)
+        self._publish_finished()
 
+    # ---- out of memory ----
+    def _recover_from_oom(self) -> None:
+        """An accelerator OOM in a step: free it, then retry what can be retried invisibly.
+
+        Every request of the running batch is taken out (the failed step may have grown some
+        caches and not others). A request whose tokens nobody has seen - unary, or a stream
+        that has not produced a token - goes back to the head of the queue and restarts from
+        its prompt with the same seeds, so it gets the same tokens; a stream that already
+        produced tokens fails with ``BatchOutOfMemoryError`` (RESOURCE_EXHAUSTED), as does a
+        request that ran out of memory alone. Until the retried requests are done, admission
+        allows half the rows the failed step had.
+        """
+        jobs = self._step_jobs()
+        rows = self._batch.rows() + sum(len(p.rows) for p in self._prefills)
+        self._batch.clear()
+        self._prefills.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pending = [job for job in jobs if not job.done]
+        logger.warning(
+            "out of memory in a step of %d rows (%d requests); retrying what is invisible",
+            rows,
+            len(pending),
+        )
+        self._scheduler.row_cap = max(1, rows // 2)
+        self._retry_or_fail(pending, alone=len(pending) == 1)
+
+    def _retry_or_fail(self, jobs: list[Job], alone: bool) -> None:
+        retry: list[Job] = []
+        for job in jobs:
+            if alone or (job.handle.stream and _produced_tokens(job)):
+                why = "even alone" if alone else "after this stream had started"
+                self._oom_retrying.discard(job)
+                self._fail(
+                    job,
+                    BatchOutOfMemoryError(
+                        f"the accelerator ran out of memory {why}; "
+                        "retry later or lower max_new_tokens / num_beams"
+                    ),
+                )
+            else:
+                retry.append(job)
+        for job in retry:
+            job.rows = []
+            job.pending_events = []
+            job.batch_size = 1
+            self._oom_retrying.add(job)
+        with self._cond:
+            for job in retry:
+                self._running.discard(job)
+            self._scheduler.queue[:0] = retry
+
+    # ---- queue deadlines ----
     def _nearest_deadline_wait(self) -> float | None:
         deadlines = [
             j.prepared.request.deadline
@@ -438,16 +661,12 @@ class Batcher:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
 
-    def _expire_queued(self) -> None:
-        with self._cond:
-            self._expire_queued_locked()
-
     def _expire_queued_locked(self) -> None:
         expired = [j for j in self._queue if j.deadline_passed]
         for job in expired:
             self._queue.remove(job)
-            self._keys.pop(id(job), None)
             job.done = True
+            self._oom_retrying.discard(job)
             self._completed += 1
             job.publish_outcome(
                 DeadlineExceededError(
@@ -455,13 +674,13 @@ class Batcher:
                 )
             )
 
+    # ---- outcomes ----
     def _fail(self, job: Job, error: BaseException) -> None:
         with self._cond:
             if job.done:
                 return
             job.done = True
             self._running.discard(job)
-            self._keys.pop(id(job), None)
             self._completed += 1
         job.publish_outcome(error)
 
@@ -472,48 +691,33 @@ class Batcher:
             job.done = True
             self._running.discard(job)
             self._completed += 1
-        job.publish_outcome(self._result(job, FinishReason.CANCELLED))
+            self._histogram[job.batch_size] += 1
+        self._oom_retrying.discard(job)
+        # Published once the step is over (its rows have left, its stats are reported), so a
+        # caller that got its result sees an engine that no longer holds it.
+        self._finished.append(job)
 
-    # ---- results ----
-    def _result(self, job: Job, default_reason: FinishReason) -> GenerationResult:
-        """Build the final result; ``default_reason`` fills sequences that never ran."""
-        now = time.monotonic()
-        prepared = job.prepared
-        e = prepared.effective
-        sequences: list[SequenceResult]
-        if job.beam_sequences is not None:
-            sequences = job.beam_sequences
-        elif job.rows:
-            sequences = [
-                SequenceResult(
-                    index=row.index,
-                    text=row.stream.text,
-                    token_ids=tuple(row.tokens),
-                    finish_reason=row.finish_reason or default_reason,
-                    logprobs=tuple(row.logprobs),
-                    incomplete=row.incomplete or (row.constraint is not None and not row.finished),
-                )
-                for row in job.rows
-            ]
-        else:
-            sequences = [
-                SequenceResult(i, "", (), default_reason) for i in range(e.num_return_sequences)
-            ]
-        started = job.started_at if job.started_at is not None else now
-        adapter = prepared.adapter
-        return GenerationResult(
-            request_id=job.request_id,
-            sequences=tuple(sequences),
-            prompt_tokens=len(prepared.prompt_ids),
-            completion_tokens=sum(len(s.token_ids) for s in sequences),
-            adapter=adapter.name if adapter else "",
-            adapter_sha256=adapter.sha256 if adapter else "",
-            effective=e,
-            model_id=self._model_id,
-            queue_wait_ms=(started - job.enqueued_at) * 1000.0,
-            inference_ms=(now - started) * 1000.0 if job.started_at is not None else 0.0,
-            batch_size=job.batch_size,
-        )
+    def _publish_finished(self) -> None:
+        finished, self._finished = self._finished, []
+        for job in finished:
+            job.publish_outcome(build_result(job, FinishReason.CANCELLED, self._model_id))
+
+
+def _split(batch: SubBatch, rows: list[int], partition: Hashable) -> SubBatch:
+    """A copy of ``rows`` of ``batch`` as a sub-batch of its own (its partition changed)."""
+    cache = kv_cache.copy_rows(batch.cache, rows)
+    index = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
+    moved = SubBatch(
+        dataclasses.replace(batch.key, partition=partition),
+        [batch.rows[i] for i in rows],
+        cache,
+        batch.mask.index_select(0, index),
+        [batch.pads[i] for i in rows],
+        batch.positions.index_select(0, index),
+    )
+    assert batch.next_tokens is not None
+    moved.next_tokens = batch.next_tokens.index_select(0, index)
+    return moved
 
 
 def _run_task(fn: Callable[[], T], future: concurrent.futures.Future[T]) -> None:

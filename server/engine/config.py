@@ -21,11 +21,14 @@ class EngineConfig:
     # "auto" picks "cuda" when available, else "cpu".
     device: str = "auto"
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
-    # Batch formation.
+    # The running batch. Most model rows (sequences, beams) decoding at once.
     max_batch_size: int = 32
-    # Budget of padded tokens per batch: rows x (longest prompt + largest max_new_tokens).
+    # KV-cache budget in tokens: each running request reserves rows x (prompt + max_new_tokens);
+    # a request is admitted only while the running ones' reservations leave room for it.
     max_batch_tokens: int = 16384
-    # How long the first request of a batch may wait for companions.
+    # Most prompt tokens fed to the model per step; longer prompts are prefilled in chunks.
+    max_prefill_tokens: int = 512
+    # When nothing runs, how long the first queued request waits for companions.
     max_wait_ms: float = 5.0
     # Requests waiting (not yet running) beyond this are rejected with QueueFullError.
     max_queue_size: int = 256

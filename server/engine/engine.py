@@ -12,7 +12,7 @@ runs all three inline for in-process callers and tests.
 
 Adapter lifecycle (``load_adapter``, ``unload_adapter``, ``await_adapter``) runs on the loop
 thread too: bookkeeping there, file reading and hashing in a thread, and the ``PeftModel``
-mutation itself on the worker thread between batches (``Batcher.run_between_batches``).
+mutation itself on the worker thread between model steps (``Batcher.run_between_steps``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from . import quirks
 from .batcher import Batcher, EngineStats, StepListener
+from .beams import BeamRunner
 from .chat import ChatRenderer
 from .config import EngineConfig
 from .detokenize import Decoder
@@ -56,7 +57,10 @@ from .registry import (
     inspect_adapter,
     resolve_adapter_dir,
 )
-from .runner import BatchKey, ModelRunner
+from .rows import RowFactory
+from .running import SubBatchKey
+from .sampler import Sampler
+from .step import ModelStep
 from .structured import ConstraintCompiler
 from .types import (
     AdapterEvent,
@@ -160,6 +164,7 @@ class Engine:
         limits = EngineLimits(
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
+            max_prefill_tokens=config.max_prefill_tokens,
             max_queue_size=config.max_queue_size,
             max_prompt_tokens=max_prompt_tokens,
             max_prompt_bytes=config.max_prompt_bytes
@@ -209,10 +214,22 @@ class Engine:
             end_of_turn_ids=self._chat.end_of_turn_ids,
             compile_constraint=self._compiler.compile,
         )
-        self._runner = ModelRunner(
-            self._registry, cast(Decoder, self._tokenizer), device, int(pad_id), eos_ids
+        self._token_texts: dict[int, str] = {}
+        decoder = cast(Decoder, self._tokenizer)
+        step = ModelStep(self._registry, device)
+        self._batcher = Batcher(
+            config,
+            step,
+            RowFactory(base, decoder, device, eos_ids),
+            BeamRunner(step, decoder, device, int(pad_id), eos_ids),
+            Sampler(device, self._token_text),
+            self._key_for,
+            model_id,
+            int(pad_id),
         )
-        self._batcher = Batcher(config, self._runner, self._key_for, model_id, context_length)
+        if self._rope_switch is not None:
+            # A row moves sub-batch when its length crosses the switch (quirks.RopeSwitch).
+            self._batcher.partition = self._rope_switch.side
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._draining = False
@@ -309,7 +326,7 @@ class Engine:
         """Tokenize ``text`` (any thread; the server uses ``tokenize_async``)."""
         self._check_tokenize(text)
         ids = self._encode(text, add_special_tokens)
-        return TokenizeResult(tuple(ids), tuple(self._runner.token_text(i) for i in ids))
+        return TokenizeResult(tuple(ids), tuple(self._token_text(i) for i in ids))
 
     def _check_tokenize(self, text: str) -> None:
         if not text:
@@ -324,42 +341,22 @@ class Engine:
             self._prepare_pool, self.tokenize, text, add_special_tokens
         )
 
-    def _key_for(self, job: Job) -> BatchKey:
-        prepared = job.prepared
-        adapter = prepared.adapter
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_texts[token_id] = text
+        return text
+
+    def _key_for(self, job: Job) -> SubBatchKey:
+        """The sub-batch a request's rows decode in (before the quirk partition)."""
+        adapter = job.prepared.adapter
         if adapter is None:
             mixed = self._registry.mixed_group
-            group, name = (mixed.peft_type, None) if mixed is not None else ("base", None)
-        elif adapter.mixed_batching:
-            group, name = adapter.group, None
-        else:
-            group, name = adapter.group, adapter.name
-        e = prepared.effective
-        partition: tuple[int, ...] = ()
-        length_limit = 0
-        if adapter is not None and adapter.same_prompt_length:
-            # Prompt learning: only equal prompt lengths (no left padding) are batch-invariant.
-            group, name = adapter.group, adapter.name
-            partition = (len(prepared.prompt_ids),)
-        if self._rope_switch is not None:
-            side = quirks.batch_partition(
-                self._rope_switch, len(prepared.prompt_ids), e.max_new_tokens
-            )
-            partition += side
-            if side == (0,):
-                length_limit = self._rope_switch.threshold
-        beam = (
-            (
-                e.num_beams,
-                e.num_return_sequences,
-                e.length_penalty,
-                e.early_stopping,
-                e.max_new_tokens,
-            )
-            if prepared.beams
-            else None
-        )
-        return BatchKey(group, name, beam, partition, length_limit)
+            return SubBatchKey(mixed.peft_type if mixed is not None else "base", None)
+        if adapter.mixed_batching:
+            return SubBatchKey(adapter.group, None)
+        return SubBatchKey(adapter.group, adapter.name)
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -520,7 +517,7 @@ class Engine:
             root = self._adapters_root()
             info = await asyncio.to_thread(inspect_adapter, directory, name, root, "path")
             info = await asyncio.wrap_future(
-                self._batcher.run_between_batches(lambda: self._registry.attach(info))
+                self._batcher.run_between_steps(lambda: self._registry.attach(info))
             )
         except AdapterLoadError as error:
             logger.error("%s", error.message)
@@ -557,7 +554,7 @@ class Engine:
 
     async def _detach(self, name: str) -> AdapterStatus | None:
         await asyncio.wrap_future(
-            self._batcher.run_between_batches(lambda: self._registry.detach(name))
+            self._batcher.run_between_steps(lambda: self._registry.detach(name))
         )
         return self._registry.remove(name)
 

@@ -241,8 +241,8 @@ class AdapterInfo:
 class EngineLimits:
     """Limits the engine enforces before any model work."""
 
-    max_batch_size: int
-    max_batch_tokens: int
+    max_batch_size: int  # model rows decoding at once
+    max_batch_tokens: int  # KV-cache budget: rows x (prompt + max_new_tokens) per request
     max_queue_size: int
     max_prompt_tokens: int
     # Longest prompt text in UTF-8 bytes, checked before tokenizing (Tokenize's text too).
@@ -259,6 +259,8 @@ class EngineLimits:
     # Structured output: longest constraint text (characters) and the compile time limit.
     max_constraint_text_length: int = 0
     constraint_compile_timeout_s: float = 0.0
+    # Prompt tokens fed per step (longer prompts are chunked); 0 = not reported.
+    max_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)

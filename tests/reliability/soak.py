@@ -186,9 +186,7 @@ def leftover_bookkeeping(server: ServerThread) -> int:
     The RSS bound is far too coarse for a leak of one small object per request (a cancelled
     queued request's batch key leaked that way: ~150 per 1000 requests, +0 MiB visible).
     """
-    batcher = server.server.engine()._batcher
-    with batcher._cond:  # what guards the batcher's shared state
-        return len(batcher._keys) + len(batcher._queue) + len(batcher._running)
+    return int(server.server.engine()._batcher.tracked())
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""Accelerator out-of-memory on a batch: split and retry while invisible, else a clear error.
+"""Accelerator out-of-memory in a decode-loop step: retry while invisible, else a clear error.
 
-A real OOM cannot be provoked on the CPU test machine, so the runner is made to raise
-``torch.OutOfMemoryError`` (fault injection at the model call); everything around it is real.
+A real OOM cannot be provoked on the CPU test machine, so the model forward of a step is made
+to raise ``torch.OutOfMemoryError`` (fault injection at the model call); everything around it
+is real.
 """
 
 from __future__ import annotations
@@ -34,27 +35,31 @@ class _Activations:
     """Stands in for the tensors a failed attempt's frames hold."""
 
 
-def test_oom_on_a_batch_is_retried_in_halves(
+def _jobs(rows: Any) -> int:
+    return len({id(row.job) for row in rows})
+
+
+def test_oom_in_a_shared_step_is_retried_with_fewer_rows(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = server.server.engine()._runner
-    real_run = runner.run
+    step = server.server.engine()._batcher._step_model
+    real_forward = step.forward
     sizes: list[int] = []
     failed_attempts: list[weakref.ref[_Activations]] = []
     alive_at_retry: list[bool] = []
 
-    def run_small_batches_only(batch: Any, *args: Any) -> None:
-        sizes.append(len(batch.jobs))
+    def forward_small_batches_only(key: Any, rows: Any, *args: Any) -> Any:
+        sizes.append(_jobs(rows))
         # Memory of a failed attempt must be gone before a retry starts, or the retry would
         # run out of memory too (on CUDA, empty_cache cannot free what a traceback holds).
         alive_at_retry.extend(ref() is not None for ref in failed_attempts)
-        if len(batch.jobs) > 1:
+        if len(rows) > 1:
             activations = _Activations()
             failed_attempts.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        real_run(batch, *args)
+        return real_forward(key, rows, *args)
 
-    monkeypatch.setattr(runner, "run", run_small_batches_only)
+    monkeypatch.setattr(step, "forward", forward_small_batches_only)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         futures = [
@@ -70,29 +75,22 @@ def test_oom_on_a_batch_is_retried_in_halves(
 def test_oom_after_a_stream_started_fails_it_and_retries_its_unary_neighbour(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = server.server.engine()._runner
-    real_run = runner.run
+    step = server.server.engine()._batcher._step_model
+    real_forward = step.forward
     sizes: list[int] = []
 
-    def oom_at_third_step_of_a_shared_batch(batch: Any, on_finished: Any, on_step: Any) -> None:
-        sizes.append(len(batch.jobs))
-        steps = 0
-
-        def step() -> None:
-            nonlocal steps
-            on_step()
-            steps += 1
-            if len(batch.jobs) > 1 and steps == 3:  # tokens exist and have streamed
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-        real_run(batch, on_finished, step)
+    def oom_at_third_shared_step(key: Any, rows: Any, *args: Any) -> Any:
+        sizes.append(_jobs(rows))
+        if sizes == [2, 2, 2]:  # the third shared step: tokens exist and have streamed
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(key, rows, *args)
 
     params = pb.GenerationParameters(max_new_tokens=20, min_new_tokens=20)
     request = pb.GenerateRequest(text="hello world", adapter="upper", parameters=params)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         expected = stub.Generate(request, timeout=60).sequences[0].text
-        monkeypatch.setattr(runner, "run", oom_at_third_step_of_a_shared_batch)
+        monkeypatch.setattr(step, "forward", oom_at_third_shared_step)
         stream = stub.StreamGenerate(request, timeout=60)
         unary = stub.Generate.future(request, timeout=60)
         deltas: list[str] = []
@@ -105,18 +103,20 @@ def test_oom_after_a_stream_started_fails_it_and_retries_its_unary_neighbour(
         assert "".join(deltas), "the stream had started before the OOM"
         # Its unary neighbour saw nothing: it was retried alone and got the solo result.
         assert unary.result().sequences[0].text == expected
-    assert sizes == [2, 1]
+    # Both shared the steps until the OOM; after it only the unary request ran, alone.
+    failed = sizes.index(2) + 2
+    assert sizes[: failed + 1] == [2, 2, 2] and set(sizes[failed + 1 :]) == {1}
 
 
 def test_oom_for_a_single_request_is_resource_exhausted(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = server.server.engine()._runner
+    step = server.server.engine()._batcher._step_model
 
-    def always_oom(batch: Any, *args: Any) -> None:
+    def always_oom(*args: Any) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(runner, "run", always_oom)
+    monkeypatch.setattr(step, "forward", always_oom)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:

@@ -281,7 +281,7 @@ def test_unload_waits_for_in_flight_requests(tmp_path: Path, server_factory: Any
     # Hold the worker thread between batches, so the request below stays admitted (in flight)
     # until the test says so: no race against how fast this machine generates.
     gate = threading.Event()
-    server.server.engine()._batcher.run_between_batches(lambda: gate.wait(60))
+    server.server.engine()._batcher.run_between_steps(lambda: gate.wait(60))
     results: list[Any] = []
     unloaded: list[Any] = []
     try:

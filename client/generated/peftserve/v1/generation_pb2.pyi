@@ -1237,10 +1237,13 @@ class ServerLimits(_message.Message):
     MAX_TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     MAX_CONSTRAINT_TEXT_LENGTH_FIELD_NUMBER: _builtins.int
     CONSTRAINT_COMPILE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    MAX_PREFILL_TOKENS_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
-    """Most requests that run in one batch."""
+    """Most model rows (returned sequences, beams) decoding at once in the running batch."""
     max_batch_tokens: _builtins.int
-    """Most padded tokens in one batch."""
+    """KV-cache budget in tokens: each running request reserves rows x (prompt tokens +
+    max_new_tokens), and a queued request is admitted only while that fits.
+    """
     max_queue_size: _builtins.int
     """Most requests waiting in the queue; beyond it RESOURCE_EXHAUSTED."""
     max_prompt_tokens: _builtins.int
@@ -1265,6 +1268,10 @@ class ServerLimits(_message.Message):
     """How long a constraint may take to compile before the request is RESOURCE_EXHAUSTED, in
     milliseconds. 0: the server predates constraints.
     """
+    max_prefill_tokens: _builtins.int
+    """Most prompt tokens fed to the model per decode step; a longer prompt is prefilled in
+    chunks while running requests keep decoding. Zero: the server does not report it.
+    """
     def __init__(
         self,
         *,
@@ -1280,10 +1287,11 @@ class ServerLimits(_message.Message):
         max_top_logprobs: _builtins.int = ...,
         max_constraint_text_length: _builtins.int = ...,
         constraint_compile_timeout_ms: _builtins.int = ...,
+        max_prefill_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint_compile_timeout_ms", b"constraint_compile_timeout_ms", "default_max_new_tokens", b"default_max_new_tokens", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_beams_times_sequences", b"max_beams_times_sequences", "max_constraint_text_length", b"max_constraint_text_length", "max_new_tokens", b"max_new_tokens", "max_prompt_tokens", b"max_prompt_tokens", "max_queue_size", b"max_queue_size", "max_stop_sequence_length", b"max_stop_sequence_length", "max_stop_sequences", b"max_stop_sequences", "max_top_logprobs", b"max_top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint_compile_timeout_ms", b"constraint_compile_timeout_ms", "default_max_new_tokens", b"default_max_new_tokens", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_beams_times_sequences", b"max_beams_times_sequences", "max_constraint_text_length", b"max_constraint_text_length", "max_new_tokens", b"max_new_tokens", "max_prefill_tokens", b"max_prefill_tokens", "max_prompt_tokens", b"max_prompt_tokens", "max_queue_size", b"max_queue_size", "max_stop_sequence_length", b"max_stop_sequence_length", "max_stop_sequences", b"max_stop_sequences", "max_top_logprobs", b"max_top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

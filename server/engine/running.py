@@ -1,0 +1,188 @@
+"""The running batch: sub-batches of rows decoding together, each with its KV cache.
+
+A ``SubBatch`` is what one forward decodes: rows left-padded to a common width, their
+``DynamicCache``, the 2-D attention mask (1 = a real token), each row's next position and the
+token each row feeds next. Its verbs, TGI-style:
+
+* ``filter(keep)`` drops the rows that left (finished, cancelled, deadline passed, moved) and
+  the leading columns that are now padding in every row, so the memory is reused at once;
+* ``merge(other)`` appends another sub-batch's rows (left-padding both to a common width);
+* ``decode_inputs()`` / ``advance()`` are one decode step's inputs and bookkeeping.
+
+Positions and masks follow ``generate`` exactly: a row's positions count its real tokens only
+(``cumsum(mask) - 1``), padding columns are masked out, and with no padding at all no mask is
+passed (``generate`` drops an all-ones mask too).
+
+``RunningBatch`` holds the sub-batches by key (several cohorts per key when their caches cannot
+be merged exactly) and ``Prefill`` is a request whose prompt is still being fed to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from . import kv_cache
+from .handle import Job
+from .rows import Row
+
+
+@dataclass(frozen=True)
+class SubBatchKey:
+    """Rows share a forward only when these agree (see docs/engine.md)."""
+
+    group: str  # "base" (plain base model) or a PEFT type group, e.g. "LORA"
+    adapter: str | None  # set for adapters that cannot be mixed: their rows run alone
+    partition: Hashable = None  # the model family's quirk partition (e.g. LongRoPE side)
+
+
+class SubBatch:
+    """Rows that decode in one forward, with their left-padded KV cache."""
+
+    def __init__(
+        self,
+        key: SubBatchKey,
+        rows: list[Row],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        pads: list[int],
+        positions: torch.Tensor,
+    ) -> None:
+        self.key = key
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask  # (rows, width) long: 1 = real token in the cache
+        self.pads = pads  # leading padding columns per row (host copy of the mask's zeros)
+        self.positions = positions  # (rows,) long: position of each row's next token
+        self.next_tokens: torch.Tensor | None = None  # (rows,) long, set by the sampler
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def jobs(self) -> list[Job]:
+        return list(dict.fromkeys(row.job for row in self.rows))
+
+    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(input_ids, attention_mask or None, position_ids) of the next decode step."""
+        assert self.next_tokens is not None, "a sub-batch decodes only after its first token"
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        # Decode steps always pass the mask, even with no padding left: measured, a row that
+        # decoded in a padded batch and went on alone matched its solo run only when the mask
+        # stayed (the maskless kernel flipped a near-tie of the demo LoHa adapter).
+        return self.next_tokens.unsqueeze(1), self.mask, self.positions.unsqueeze(1)
+
+    def advance(self) -> None:
+        """After a decode forward: every row's next token sits one position further on."""
+        self.positions = self.positions + 1
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep rows ``keep`` (indices, in order); trim columns that became all padding."""
+        if len(keep) == len(self.rows):
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.pads = [self.pads[i] for i in keep]
+        kv_cache.select_rows(self.cache, index)
+        self.mask = self.mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        if self.next_tokens is not None:
+            self.next_tokens = self.next_tokens.index_select(0, index)
+        columns = min(self.pads, default=0)
+        if columns and kv_cache.can_trim(self.cache, self.width):
+            kv_cache.trim_left(self.cache, columns)
+            self.mask = self.mask[:, columns:]
+            self.pads = [p - columns for p in self.pads]
+
+    def can_merge(self, other: SubBatch) -> bool:
+        return other.key == self.key and kv_cache.can_merge(
+            self.cache, self.width, other.cache, other.width
+        )
+
+    def merge(self, other: SubBatch) -> None:
+        """Append ``other``'s rows (``can_merge`` must hold); ``other`` is consumed."""
+        width = max(self.width, other.width)
+        kv_cache.merge(self.cache, self.width, other.cache, other.width)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+        grow_a, grow_b = width - self.width, width - other.width
+        self.pads = [p + grow_a for p in self.pads] + [p + grow_b for p in other.pads]
+        self.rows = self.rows + other.rows
+        self.positions = torch.cat([self.positions, other.positions])
+        assert self.next_tokens is not None and other.next_tokens is not None
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+
+
+def needs_mask(pads: list[int]) -> bool:
+    """A prefill passes the 2-D mask unless it is one unpadded prompt (run as ``generate`` runs
+    a prompt alone: no mask)."""
+    return len(pads) > 1 or any(pads)
+
+
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    if missing == 0:
+        return mask
+    zeros = mask.new_zeros((mask.shape[0], missing))
+    return torch.cat([zeros, mask], dim=1)
+
+
+@dataclass(eq=False)
+class Prefill:
+    """A request whose prompt is (partly) still to be fed; its rows join once it is done."""
+
+    job: Job
+    rows: list[Row]
+    key: SubBatchKey
+    done: int = 0  # prompt tokens already in ``cache`` (chunked prefill)
+    cache: DynamicCache | None = None
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.rows[0].prompt
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompt) - self.done
+
+
+@dataclass
+class RunningBatch:
+    """Every running sub-batch, by key; a key holds several cohorts when caches cannot merge."""
+
+    cohorts: dict[SubBatchKey, list[SubBatch]] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[SubBatch]:
+        for batches in list(self.cohorts.values()):
+            yield from list(batches)
+
+    def rows(self) -> int:
+        return sum(len(b) for b in self)
+
+    def add(self, batch: SubBatch) -> None:
+        """Merge ``batch`` into the first cohort of its key that can take it, else a new one."""
+        if not batch.rows:
+            return
+        cohorts = self.cohorts.setdefault(batch.key, [])
+        for cohort in cohorts:
+            if cohort.can_merge(batch):
+                cohort.merge(batch)
+                return
+        cohorts.append(batch)
+
+    def drop_empty(self) -> None:
+        for key in list(self.cohorts):
+            kept = [b for b in self.cohorts[key] if b.rows]
+            if kept:
+                self.cohorts[key] = kept
+            else:
+                del self.cohorts[key]
+
+    def clear(self) -> None:
+        self.cohorts.clear()

@@ -1,0 +1,130 @@
+"""The step: one model forward over the rows of one sub-batch (or one prefill).
+
+It picks the model the rows' adapters need and calls its forward the way ``generate`` does:
+``cache`` in and out, ``use_cache=True``, ``logits_to_keep=1`` where the model takes it, explicit
+``position_ids`` where it takes them, and the last position's logits as a float32 copy.
+
+Model choice: base rows alone run on the untouched base model; rows of one type group run on
+the group's ``PeftModel``: plain-LoRA rows of several adapters (and base rows, as
+``"__base__"``) through peft's ``adapter_names``; a single adapter through ``set_adapter`` (peft's
+per-row routing costs ~30% of a forward on small models and gives the same rows). While a beam
+search is running through ``generate`` on a group's model (``lend``), the loop never switches
+that model's active adapter: LoRA rows then always go through ``adapter_names`` (its hooks live
+for one forward only), and rows of another non-mixable adapter of that group wait.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from .peft_guard import guard_models
+from .registry import BASE_ROW_MARKER, AdapterRegistry
+from .rows import Row
+from .running import SubBatchKey
+
+
+def adapter_name(row: Row) -> str:
+    adapter = row.job.prepared.adapter
+    return adapter.name if adapter is not None else BASE_ROW_MARKER
+
+
+class ModelStep:
+    """Runs forwards on the worker thread; knows which model serves which rows."""
+
+    def __init__(self, registry: AdapterRegistry, device: torch.device) -> None:
+        self.registry = registry
+        self.device = device
+        base: Any = registry.base
+        params = inspect.signature(base.forward).parameters
+        self.takes_position_ids = "position_ids" in params
+        self.takes_logits_to_keep = "logits_to_keep" in params
+        self.model_config = base.config
+        # (model, adapter) a running beam search's generate is using; None when no beam runs.
+        self._lent: tuple[Any, str | None] | None = None
+
+    def lend(self, model: Any, adapter: str | None) -> None:
+        self._lent = (model, adapter)
+
+    def take_back(self) -> None:
+        self._lent = None
+
+    def beam_model(self, group: str, adapter: str | None) -> Any:
+        """The model a beam search of ``adapter`` (None = base) runs ``generate`` on."""
+        if adapter is None:
+            return self.registry.base
+        model: Any = self.registry.groups[group].model
+        model.set_adapter(adapter)
+        return model
+
+    def can_run(self, key: SubBatchKey) -> bool:
+        """False while a beam search holds this key's model on another adapter."""
+        if self._lent is None or key.adapter is None or key.group == "base":
+            return True
+        model, adapter = self._lent
+        return model is not self.registry.groups[key.group].model or adapter == key.adapter
+
+    def _model(self, key: SubBatchKey, rows: list[Row]) -> tuple[Any, dict[str, Any]]:
+        if key.group == "base":
+            return self.registry.base, {}
+        model: Any = self.registry.groups[key.group].model
+        if key.adapter is not None:
+            model.set_adapter(key.adapter)
+            return model, {}
+        names = [adapter_name(row) for row in rows]
+        distinct = set(names)
+        if distinct == {BASE_ROW_MARKER}:
+            # Only base rows: the untouched base model (its tensors are the group's own).
+            return self.registry.base, {}
+        lent = self._lent is not None and self._lent[0] is model
+        if len(distinct) == 1 and not lent:
+            model.set_adapter(names[0])
+            return model, {}
+        return model, {"adapter_names": names}
+
+    def forward(
+        self,
+        key: SubBatchKey,
+        rows: list[Row],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        """One forward; the (rows, vocab) float32 logits of each row's last position."""
+        model, kwargs = self._model(key, rows)
+        if self.takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        if self.takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        # Whatever the forward raises, no hook or active-adapter change survives it.
+        with guard_models(self.registry.models()), torch.inference_mode():
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                use_cache=True,
+                return_dict=True,
+                **kwargs,
+            )
+        return out.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def prefill_inputs(
+    prompts: list[tuple[int, ...]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Left-padded (input_ids, attention_mask, position_ids, pads) for prompts fed at once.
+
+    Positions as ``generate`` makes them: ``cumsum(mask) - 1``, 0 on padding.
+    """
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    ids = [[pad_token_id] * pad + list(p) for p, pad in zip(prompts, pads, strict=True)]
+    mask_rows = [[0] * pad + [1] * len(p) for p, pad in zip(prompts, pads, strict=True)]
+    input_ids = torch.tensor(ids, dtype=torch.long, device=device)
+    mask = torch.tensor(mask_rows, dtype=torch.long, device=device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return input_ids, mask, positions, pads
