@@ -491,7 +491,7 @@ class Batcher:
                 key,
                 [p.rows[0] for p in group],
                 input_ids,
-                mask if any(pads) else None,
+                mask if any(pads) else None,  # generate drops an all-ones mask too
                 positions,
                 cache,
             )

@@ -119,12 +119,6 @@ class SubBatch:
         self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
 
 
-def needs_mask(pads: list[int]) -> bool:
-    """A prefill passes the 2-D mask unless it is one unpadded prompt (run as ``generate`` runs
-    a prompt alone: no mask)."""
-    return len(pads) > 1 or any(pads)
-
-
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
     missing = width - mask.shape[1]
     if missing == 0:
