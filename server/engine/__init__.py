@@ -3,8 +3,8 @@
 Nothing in this package knows about gRPC or protobuf; the servicer translates.
 """
 
-from .batcher import EngineStats, StepStats
 from .engine import Engine
 from .handle import RequestHandle
+from .stats import EngineStats, StepStats
 
 __all__ = ["Engine", "EngineStats", "RequestHandle", "StepStats"]

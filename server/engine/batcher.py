@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -50,6 +50,7 @@ from .rows import RowFactory, accept, finish, interruption
 from .running import Prefill, RunningBatch, SubBatch, SubBatchKey
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .stats import EngineStats, StepListener, StepStats
 from .step import ModelStep, prefill_inputs
 from .types import FinishReason
 
@@ -58,42 +59,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's load, read by metrics and admission decisions."""
-
-    queued: int  # requests admitted and waiting to run
-    running: int  # requests admitted to the running batch (prefilling, decoding, beams)
-    completed: int
-    # Batch size a request ran at (most requests sharing its forward) -> requests that ran.
-    batch_size_histogram: dict[int, int] = field(default_factory=dict)
-    running_rows: int = 0  # model rows (sequences, beams) of the running requests
-    # KV-cache tokens reserved by running requests, and the budget they are admitted against.
-    kv_tokens_used: int = 0
-    kv_tokens_budget: int = 0
-    # Distinct adapter names ("" = base excluded) of running and of queued requests.
-    running_adapters: tuple[str, ...] = ()
-    waiting_adapters: tuple[str, ...] = ()
-
-    @property
-    def kv_cache_utilization(self) -> float:
-        """``kv_tokens_used`` as a fraction of the budget (0.0 with no budget)."""
-        if self.kv_tokens_budget <= 0:
-            return 0.0
-        return min(1.0, self.kv_tokens_used / self.kv_tokens_budget)
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """One iteration of the decode loop, reported to step listeners (worker thread)."""
-
-    prefill_tokens: int  # prompt tokens fed through the model in this step
-    decode_tokens: int  # rows that were decoding before this step and got a token in it
-    rows: int  # model rows that got a token in this step (decoding + newly prefilled)
-    seconds: float  # wall time of the step
-
-
-StepListener = Callable[[StepStats], None]
 KeyFor = Callable[[Job], SubBatchKey]
 # The model family's quirk partition: a row of this many tokens never shares a forward with a
 # row of another partition (e.g. both sides of Phi-3 LongRoPE's switch). Default: one.
@@ -344,13 +309,19 @@ class Batcher:
                     continue
                 return True
 
-    def _iterate(self) -> None:
-        """One loop iteration; any failure fails the running requests, never the server."""
+    def _iterate(self, beam_step: StepStats | None = None) -> None:
+        """One loop iteration; any failure fails the running requests, never the server.
+
+        ``beam_step``: the beam search step that ran just before (when a beam's ``generate``
+        drives the loop), reported together with this iteration's own step.
+        """
         failed_oom = False
         try:
             self._interrupt()
             self._admit()
             stats = self._step()
+            if beam_step is not None:
+                stats = beam_step if stats is None else _combined(stats, beam_step)
             if stats is not None:
                 self._report_step(stats)
         except torch.OutOfMemoryError:
@@ -701,6 +672,15 @@ class Batcher:
         finished, self._finished = self._finished, []
         for job in finished:
             job.publish_outcome(build_result(job, FinishReason.CANCELLED, self._model_id))
+
+
+def _combined(a: StepStats, b: StepStats) -> StepStats:
+    return StepStats(
+        a.prefill_tokens + b.prefill_tokens,
+        a.decode_tokens + b.decode_tokens,
+        a.rows + b.rows,
+        a.seconds + b.seconds,
+    )
 
 
 def _split(batch: SubBatch, rows: list[int], partition: Hashable) -> SubBatch:

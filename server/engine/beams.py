@@ -16,6 +16,7 @@ Transformers cannot stream beams: each returned sequence is one event at the end
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from .detokenize import Decoder, TextStream
 from .handle import Job
 from .peft_guard import guard_models
 from .rows import Row, RowFinished, finish, interruption
+from .stats import StepStats
 from .step import ModelStep
 from .types import FinishReason, SequenceResult, TokenEvent
 
@@ -90,24 +92,42 @@ class _RowProcessors:
         return out
 
 
-class _Interleave(StoppingCriteria):
-    """After each beam step: end interrupted requests, then run one decode-loop iteration."""
+Between = Callable[[StepStats], None]
 
-    def __init__(self, jobs: list[Job], between: Callable[[], None], on_done: RowFinished) -> None:
+
+class _Interleave(StoppingCriteria):
+    """After each beam step: end interrupted requests, then run one decode-loop iteration
+    (handed the beam step's own figures, so the loop reports one ``StepStats`` for both)."""
+
+    def __init__(
+        self, jobs: list[Job], num_beams: int, between: Between, on_done: RowFinished
+    ) -> None:
         self.jobs = jobs
+        self.rows = num_beams * len(jobs)
+        self.prompt_tokens = num_beams * sum(len(job.prepared.prompt_ids) for job in jobs)
         self.between = between
         self.on_done = on_done
         self.eos_token_id = -1  # its presence makes generate pad finished hypotheses
+        self.last = time.monotonic()
+        self.first = True
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object
     ) -> torch.BoolTensor:
+        beam_step = StepStats(
+            prefill_tokens=self.prompt_tokens if self.first else 0,
+            decode_tokens=0 if self.first else self.rows,
+            rows=self.rows,
+            seconds=time.monotonic() - self.last,
+        )
+        self.first = False
         for job in self.jobs:
             reason = interruption(job)
             if reason is not None and not job.done:
                 for row in job.rows:
                     finish(row, reason, self.on_done)
-        self.between()
+        self.between(beam_step)
+        self.last = time.monotonic()
         stop = all(job.done for job in self.jobs)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
@@ -129,9 +149,7 @@ class BeamRunner:
         self.pad_token_id = pad_token_id
         self.eos_token_ids = eos_token_ids
 
-    def run(
-        self, key: BeamKey, jobs: list[Job], between: Callable[[], None], on_done: RowFinished
-    ) -> None:
+    def run(self, key: BeamKey, jobs: list[Job], between: Between, on_done: RowFinished) -> None:
         num_beams, nrs, length_penalty, early_stopping, max_new = key.config
         rows = [job.rows[0] for job in jobs]
         width = max(len(row.prompt) for row in rows)
@@ -161,7 +179,9 @@ class BeamRunner:
                     attention_mask=attention_mask.to(self.device),
                     generation_config=config,
                     logits_processor=LogitsProcessorList([_RowProcessors(rows, num_beams, width)]),
-                    stopping_criteria=StoppingCriteriaList([_Interleave(jobs, between, on_done)]),
+                    stopping_criteria=StoppingCriteriaList(
+                        [_Interleave(jobs, num_beams, between, on_done)]
+                    ),
                     # peft expands adapter_names for beams only when num_beams is a kwarg.
                     num_beams=num_beams,
                 )

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from . import quirks
-from .batcher import Batcher, EngineStats, StepListener
+from .batcher import Batcher
 from .beams import BeamRunner
 from .chat import ChatRenderer
 from .config import EngineConfig
@@ -60,6 +60,7 @@ from .registry import (
 from .rows import RowFactory
 from .running import SubBatchKey
 from .sampler import Sampler
+from .stats import EngineStats, StepListener
 from .step import ModelStep
 from .structured import ConstraintCompiler
 from .types import (

@@ -210,3 +210,44 @@ def test_random_arrivals_lengths_adapters_and_cancels_equal_solo(
     assert completed >= len(requests) // 2
     assert max(r.batch_size for r in results) > 2, "the requests should have shared steps"
     assert engine._batcher.tracked() == 0
+
+
+def test_beam_search_does_not_freeze_the_running_batch(
+    engine: Engine, reference: Reference, aio: asyncio.Runner
+) -> None:
+    lora_a, lora_b, _ = _adapters(engine)
+    beam = GenerationRequest(
+        "beam",
+        text=_text(9, 15),
+        adapter=lora_a,
+        parameters=GenerationParams(max_new_tokens=100, min_new_tokens=100, num_beams=3),
+    )
+    streams = [_greedy("next-to-beam", _text(14, 16), lora_b, 10, min_new=10)]
+    steps: list[StepStats] = []
+    unsubscribe = engine.add_step_listener(steps.append)
+
+    async def body() -> tuple[GenerationResult, GenerationResult, bool]:
+        beam_handle = engine.submit(beam)
+        while engine.stats().running == 0:
+            await asyncio.sleep(0.001)
+        stream = engine.submit(streams[0], stream=True)
+        async for _ in stream:
+            pass
+        beam_still_running = not beam_handle.done
+        return await stream.result(), await beam_handle.result(), beam_still_running
+
+    try:
+        streamed, beamed, beam_still_running = aio.run(body())
+    finally:
+        unsubscribe()
+    # The stream decoded between the beam's steps and finished while the beam went on.
+    assert beam_still_running
+    assert streamed.sequences[0].token_ids == _solo(engine, reference, streams[0])
+    prompt = list(engine.tokenize(beam.text or "").token_ids)
+    solo_beam = reference.generate(
+        lora_a, prompt, max_new_tokens=100, min_new_tokens=100, num_beams=3
+    )[0]
+    assert beamed.sequences[0].token_ids == tuple(solo_beam)
+    # One StepStats per beam step, with the stream's rows added while it ran.
+    assert sum(1 for s in steps if s.rows == 3) >= 50
+    assert any(s.rows == 4 and s.decode_tokens == 4 for s in steps)
