@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import kv_cache
-from .beams import BeamRunner, beam_key
+from .beams import BeamRunner, generate_key, through_generate
 from .config import EngineConfig
 from .errors import (
     BatchOutOfMemoryError,
@@ -118,7 +118,7 @@ class Batcher:
         # Worker thread only.
         self._batch = RunningBatch()
         self._prefills: list[Prefill] = []
-        self._beams_waiting: list[Job] = []
+        self._generate_waiting: list[Job] = []
         self._finished: list[Job] = []  # done in this iteration, outcome not yet published
         self._oom_retrying: set[Job] = set()
 
@@ -150,7 +150,7 @@ class Batcher:
                 len(self._queue)
                 + len(self._running)
                 + len(self._prefills)
-                + len(self._beams_waiting)
+                + len(self._generate_waiting)
                 + self._batch.rows()
                 + len(self._oom_retrying)
             )
@@ -276,13 +276,13 @@ class Batcher:
             if not self._wait_for_work():
                 self._run_tasks()  # nothing runs any more: finish what was handed over
                 return
-            if self._beams_waiting:
-                self._run_beams()
+            if self._generate_waiting:
+                self._run_generate()
             else:
                 self._iterate()
 
     def _busy(self) -> bool:
-        return bool(self._prefills or self._beams_waiting or self._batch.rows())
+        return bool(self._prefills or self._generate_waiting or self._batch.rows())
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; False once the batcher stops."""
@@ -364,10 +364,10 @@ class Batcher:
                 for row in prefill.rows:
                     finish(row, reason, self._job_finished)
         self._prefills = kept
-        for job in list(self._beams_waiting):
+        for job in list(self._generate_waiting):
             reason = interruption(job)
             if reason is not None:
-                self._beams_waiting.remove(job)
+                self._generate_waiting.remove(job)
                 for row in job.rows:
                     finish(row, reason, self._job_finished)
 
@@ -384,9 +384,10 @@ class Batcher:
                     job.started_at = now
         for job in admitted:
             prepared = job.prepared
-            if prepared.beams:
-                job.rows = self._rows.rows(job, 1, seeded=False)
-                self._beams_waiting.append(job)
+            if through_generate(job):
+                copies = 1 if prepared.beams else prepared.effective.num_return_sequences
+                job.rows = self._rows.rows(job, copies, seeded=not prepared.beams)
+                self._generate_waiting.append(job)
                 continue
             job.rows = self._rows.rows(job, prepared.effective.num_return_sequences)
             key = dataclasses.replace(
@@ -455,7 +456,7 @@ class Batcher:
         for key, group in plan.whole.items():
             if not step.can_run(key):
                 continue
-            prompts = [p.prompt for p in group]
+            prompts = [p.ids for p in group]
             input_ids, mask, positions, pads = prefill_inputs(prompts, self._pad_token_id, device)
             cache = kv_cache.new_cache(step.model_config)
             logits = step.forward(
@@ -476,7 +477,7 @@ class Batcher:
                 prefill.cache = kv_cache.new_cache(step.model_config)
             start = prefill.done
             chunk = torch.tensor(
-                [prefill.prompt[start : start + take]], dtype=torch.long, device=device
+                [prefill.ids[start : start + take]], dtype=torch.long, device=device
             )
             positions = torch.arange(start, start + take, device=device).unsqueeze(0)
             logits = step.forward(
@@ -485,7 +486,7 @@ class Batcher:
             prefill.done += take
             tokens += take
             if prefill.remaining == 0:
-                width = len(prefill.prompt)
+                width = len(prefill.ids)
                 mask = torch.ones((1, width), dtype=torch.long, device=device)
                 forwards.append(
                     self._joined(prefill.key, [prefill], logits, prefill.cache, mask, [0])
@@ -512,44 +513,53 @@ class Batcher:
             kv_cache.select_rows(cache, select)
             mask = mask.index_select(0, select)
             logits = logits.index_select(0, select)
-        lengths = [len(group[i].prompt) for i in index]
+        lengths = [len(group[i].ids) for i in index]
         positions = torch.tensor(lengths, dtype=torch.long, device=mask.device)
         batch = SubBatch(key, rows, cache, mask, [pads[i] for i in index], positions)
         return _Forward(batch, new=True), logits
 
     def _leave_and_move(self) -> None:
-        """Finished rows leave now; rows whose quirk partition changed move sub-batch."""
-        moved: list[SubBatch] = []
+        """Finished rows leave now; a row whose quirk partition changed starts over in it.
+
+        Starting over means its whole history (prompt + tokens) is fed again as a prefill of
+        the new partition, ahead of other prompts: that is what ``generate`` does at Phi-3's
+        LongRoPE switch (``Phi3ForCausalLM.prepare_inputs_for_generation`` drops the cache
+        the first time the sequence outgrows the short factors), so the row keeps its solo
+        tokens.
+        """
+        restarts: list[Prefill] = []
         for batch in self._batch:
             keep: list[int] = []
-            move: list[int] = []
             for i, row in enumerate(batch.rows):
                 if row.finished:
                     continue
-                (move if self.partition(row.length) != batch.key.partition else keep).append(i)
-            if move:
-                moved.append(_split(batch, move, self.partition(batch.rows[move[0]].length)))
+                partition = self.partition(row.length)
+                if partition == batch.key.partition:
+                    keep.append(i)
+                    continue
+                key = dataclasses.replace(batch.key, partition=partition)
+                ids = row.prompt + tuple(row.tokens)
+                restarts.append(Prefill(row.job, [row], key, ids=ids))
             batch.filter(keep)
         self._batch.drop_empty()
-        for batch in moved:
-            self._batch.add(batch)
+        self._prefills[:0] = restarts
 
-    # ---- beams ----
-    def _run_beams(self) -> None:
-        head = self._beams_waiting[0]
-        key = beam_key(head, self._key_for(head).group)
+    # ---- requests through generate (beams, prompt learning) ----
+    def _generate_key(self, job: Job) -> Any:
+        return generate_key(job, self._key_for(job).group, self.partition is not no_partition)
+
+    def _run_generate(self) -> None:
+        head = self._generate_waiting[0]
+        key = self._generate_key(head)
         cap = max(self._scheduler.row_cap, head.prepared.model_rows)
         jobs: list[Job] = []
         rows = 0
-        for job in list(self._beams_waiting):
-            if (
-                beam_key(job, self._key_for(job).group) == key
-                and rows + job.prepared.model_rows <= cap
-            ):
+        for job in list(self._generate_waiting):
+            if self._generate_key(job) == key and rows + job.prepared.model_rows <= cap:
                 jobs.append(job)
                 rows += job.prepared.model_rows
         for job in jobs:
-            self._beams_waiting.remove(job)
+            self._generate_waiting.remove(job)
             job.batch_size = len(jobs)
         failed_oom = False
         try:
@@ -557,7 +567,7 @@ class Batcher:
         except torch.OutOfMemoryError:
             failed_oom = True
         except Exception as e:
-            logger.exception("beam search failed")
+            logger.exception("generate failed")
             error = PeftServeError(f"internal error while generating: {type(e).__name__}: {e}")
             for job in jobs:
                 self._fail(job, error)
@@ -681,23 +691,6 @@ def _combined(a: StepStats, b: StepStats) -> StepStats:
         a.rows + b.rows,
         a.seconds + b.seconds,
     )
-
-
-def _split(batch: SubBatch, rows: list[int], partition: Hashable) -> SubBatch:
-    """A copy of ``rows`` of ``batch`` as a sub-batch of its own (its partition changed)."""
-    cache = kv_cache.copy_rows(batch.cache, rows)
-    index = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
-    moved = SubBatch(
-        dataclasses.replace(batch.key, partition=partition),
-        [batch.rows[i] for i in rows],
-        cache,
-        batch.mask.index_select(0, index),
-        [batch.pads[i] for i in rows],
-        batch.positions.index_select(0, index),
-    )
-    assert batch.next_tokens is not None
-    moved.next_tokens = batch.next_tokens.index_select(0, index)
-    return moved
 
 
 def _run_task(fn: Callable[[], T], future: concurrent.futures.Future[T]) -> None:

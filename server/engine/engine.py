@@ -218,12 +218,13 @@ class Engine:
         self._token_texts: dict[int, str] = {}
         decoder = cast(Decoder, self._tokenizer)
         step = ModelStep(self._registry, device)
+        sampler = Sampler(device, self._token_text)
         self._batcher = Batcher(
             config,
             step,
             RowFactory(base, decoder, device, eos_ids),
-            BeamRunner(step, decoder, device, int(pad_id), eos_ids),
-            Sampler(device, self._token_text),
+            BeamRunner(step, sampler, decoder, device, int(pad_id), eos_ids),
+            sampler,
             self._key_for,
             model_id,
             int(pad_id),

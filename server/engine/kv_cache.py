@@ -17,7 +17,6 @@ rows simply stay a cohort of their own (see docs/engine.md).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -74,15 +73,6 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     for layer in _layers(cache):
         if _filled(layer):
             layer.batch_select_indices(rows)
-
-
-def copy_rows(cache: DynamicCache, rows: list[int]) -> DynamicCache:
-    """A new cache holding a copy of ``rows`` (the original is left as it is)."""
-    copied = copy.deepcopy(cache)
-    first = next((layer for layer in _layers(cache) if _filled(layer)), None)
-    device = first.keys.device if first is not None else None
-    select_rows(copied, torch.tensor(rows, dtype=torch.long, device=device))
-    return copied
 
 
 def trim_left(cache: DynamicCache, columns: int) -> None:

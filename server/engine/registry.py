@@ -16,7 +16,7 @@ a model with others (``modules_to_save``, DoRA, failed probes) get a ``PeftModel
 Lifecycle: besides the loaded adapters the registry keeps one ``_Entry`` per known adapter
 (state, pin, in-flight count, last use) for ``Engine.load_adapter``/``unload_adapter``. Only
 ``attach``/``detach`` touch a ``PeftModel``, and the engine runs them on its worker thread
-between batches (see docs/engine.md); ``_lock`` guards the dictionaries, which the event loop,
+between decode steps (see docs/engine.md); ``_lock`` guards the dictionaries, which the event loop,
 the worker and the metrics thread all read.
 """
 
@@ -303,7 +303,7 @@ class AdapterRegistry:
             error.adapter, directory, AdapterState.FAILED, error=error.detail
         )
 
-    # ---- model mutation: the engine runs these on its worker thread, between batches ----
+    # ---- model mutation: the engine runs these on its worker thread, between decode steps ----
     def attach(self, info: AdapterInfo) -> AdapterInfo:
         """Load ``info``'s weights into its type group (creating the group) and serve it.
 

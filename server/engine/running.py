@@ -129,21 +129,26 @@ def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 @dataclass(eq=False)
 class Prefill:
-    """A request whose prompt is (partly) still to be fed; its rows join once it is done."""
+    """Rows whose ids are (partly) still to be fed; they join the running batch once fed.
+
+    Usually a request's prompt, shared by all its rows; for a row that crossed its quirk
+    partition, that row's whole history (prompt + tokens so far), fed again from scratch.
+    """
 
     job: Job
     rows: list[Row]
     key: SubBatchKey
-    done: int = 0  # prompt tokens already in ``cache`` (chunked prefill)
+    ids: tuple[int, ...] = ()  # what to feed; empty = the rows' prompt
+    done: int = 0  # ids already in ``cache`` (chunked prefill)
     cache: DynamicCache | None = None
 
-    @property
-    def prompt(self) -> tuple[int, ...]:
-        return self.rows[0].prompt
+    def __post_init__(self) -> None:
+        if not self.ids:
+            self.ids = self.rows[0].prompt
 
     @property
     def remaining(self) -> int:
-        return len(self.prompt) - self.done
+        return len(self.ids) - self.done
 
 
 @dataclass
