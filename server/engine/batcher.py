@@ -447,7 +447,7 @@ class Batcher:
 
     def _prefill(self) -> tuple[list[tuple[_Forward, torch.Tensor]], int]:
         """This step's prompt work: whole prompts by key, then chunks of long ones."""
-        plan = self._scheduler.plan_prefill(self._prefills)
+        plan = self._scheduler.plan_prefill(self._prefills, self.partition)
         forwards: list[tuple[_Forward, torch.Tensor]] = []
         tokens = 0
         done: set[int] = set()

@@ -11,11 +11,13 @@ Prefill (chunked, FIFO). Each step feeds at most ``max_prefill_tokens`` prompt t
 prompts are taken in arrival order, whole when they fit (those of one sub-batch key share one
 left-padded forward), else in chunks of what is left of the budget, continued in later steps.
 Decoding rows step every iteration regardless, so running streams keep flowing while a long
-prompt loads.
+prompt loads. A chunk is fed only when its forward lies in its prompt's quirk partition (see
+``plan_prefill``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from .handle import Job
@@ -57,7 +59,13 @@ class Scheduler:
             kv_tokens += need_kv
         return admitted
 
-    def plan_prefill(self, pending: list[Prefill]) -> PrefillPlan:
+    def plan_prefill(
+        self, pending: list[Prefill], partition: Callable[[int], Hashable]
+    ) -> PrefillPlan:
+        """``partition``: the quirk partition of a length. A chunk is fed only when the
+        forward it makes lies in its prompt's partition (a LongRoPE prompt past the switch is
+        never chunked: its first chunks would get the short factors); otherwise the rest of
+        the prompt goes at once, over the budget."""
         whole: dict[SubBatchKey, list[Prefill]] = {}
         chunks: list[tuple[Prefill, int]] = []
         left = self.prefill_budget
@@ -65,6 +73,8 @@ class Scheduler:
             if left <= 0:
                 break
             take = min(prefill.remaining, left)
+            if take < prefill.remaining and partition(prefill.done + take) != prefill.key.partition:
+                take = prefill.remaining
             left -= take
             if take == prefill.remaining and prefill.done == 0:
                 whole.setdefault(prefill.key, []).append(prefill)
