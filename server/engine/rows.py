@@ -9,9 +9,8 @@ request's result once all its rows are done.
 
 Per-row constraints: a constrained row carries its matcher (``structured.RowConstraint``);
 the sampler applies its mask before the row's processors, ``accept`` advances it, and a row
-whose mask leaves no token ends as a dead end. Other per-row hooks: a row's ``processors``
-may hold extra logits processors (applied by the sampler to that row only), and ``on_accept``
-callbacks see every token the row accepts.
+whose mask leaves no token ends as a dead end. A row's ``processors`` list is its own: extra
+logits processors added to it apply to that row only.
 """
 
 from __future__ import annotations
@@ -45,8 +44,6 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    # Called with every accepted token.
-    on_accept: list[Callable[[int], None]] = field(default_factory=list)
     constraint: RowConstraint | None = None  # None: unconstrained
     dead_end: bool = False  # the constraint left no token at the last step
     # Constrained and the text does not satisfy the constraint (set when the row finishes).
@@ -78,8 +75,6 @@ def accept(row: Row, token: int, logprob: TokenLogprob | None, on_job_done: RowF
     row.tokens.append(token)
     if logprob is not None:
         row.logprobs.append(logprob)
-    for callback in row.on_accept:
-        callback(token)
     delta = row.stream.push(token)
     if row.constraint is not None:
         row.constraint.accept(token)
