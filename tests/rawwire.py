@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 
 SERVICE = "/peftserve.v1.GenerationService/"
@@ -37,6 +38,8 @@ class RawResult:
     data: bytes = b""
     reset_code: int | None = None
     connection_closed: bool = False
+    # Nothing came back in time (the client then reset the stream).
+    unanswered: bool = False
 
 
 def call(
@@ -208,3 +211,120 @@ class StalledStream:
     def abandon(self) -> None:
         """Leave without a word: close the socket with the write still pending."""
         self._sock.close()
+
+
+@dataclass
+class Case:
+    """One raw request: method path, body bytes, extra metadata (or replacement headers)."""
+
+    method: str
+    body: bytes = b""
+    metadata: list[tuple[bytes, bytes]] = field(default_factory=list)
+    headers: list[tuple[bytes, bytes]] | None = None
+
+
+class Connection:
+    """One HTTP/2 connection that sends raw cases one stream at a time; reconnects when the
+    server ends the connection (some malformed headers are connection errors)."""
+
+    def __init__(self, port: int, timeout_s: float = 30.0) -> None:
+        self.port = port
+        self.timeout_s = timeout_s
+        self.reconnects = 0
+        self._open()
+
+    def _open(self) -> None:
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout_s)
+        self._h2.initiate_connection()
+        self._sock.sendall(self._h2.data_to_send())
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def send(self, case: Case, timeout_s: float | None = None) -> RawResult:
+        """Send ``case``; with ``timeout_s``, a stream still unanswered then is reset by us."""
+        try:
+            return self._send(case, self.timeout_s if timeout_s is None else timeout_s)
+        except TimeoutError:
+            try:
+                self._h2.reset_stream(self._stream_id)
+                self._sock.sendall(self._h2.data_to_send())
+                return RawResult(unanswered=True)
+            except (h2.exceptions.ProtocolError, OSError):
+                result = RawResult(unanswered=True)
+        except (h2.exceptions.ProtocolError, OSError):
+            result = RawResult(connection_closed=True)
+        self._reconnect()
+        return result
+
+    def _reconnect(self) -> None:
+        self.reconnects += 1
+        self.close()
+        self._open()
+
+    def _send(self, case: Case, timeout_s: float) -> RawResult:
+        result = RawResult()
+        stream_id = self._stream_id = self._h2.get_next_available_stream_id()
+        path = case.method if case.method.startswith("/") else SERVICE + case.method
+        headers = case.headers
+        if headers is None:
+            headers = [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path.encode()),
+                (b":authority", f"127.0.0.1:{self.port}".encode()),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ]
+        self._h2.send_headers(stream_id, [*headers, *case.metadata], end_stream=not case.body)
+        if case.body:
+            self._h2.send_data(stream_id, case.body, end_stream=True)
+        self._sock.sendall(self._h2.data_to_send())
+        end = time.monotonic() + timeout_s
+        done = False
+        while not done:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no outcome for {case.method} within {timeout_s}s")
+            self._sock.settimeout(left)
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                result.connection_closed = True
+                self._reconnect()
+                break
+            for event in self._h2.receive_data(chunk):
+                if getattr(event, "stream_id", stream_id) not in (stream_id, 0):
+                    continue
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    for name, value in event.headers:
+                        result.headers[bytes(name)] = bytes(value)
+                elif isinstance(event, h2.events.DataReceived):
+                    result.data += event.data
+                    self._h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    result.reset_code = int(event.error_code)
+                    done = True
+                elif isinstance(event, h2.events.StreamEnded):
+                    done = True
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    result.connection_closed = True
+                    done = True
+            pending = self._h2.data_to_send()
+            if pending:
+                self._sock.sendall(pending)
+        if result.connection_closed and done:
+            self._reconnect()
+        if b"grpc-status" in result.headers:
+            result.status = int(result.headers[b"grpc-status"])
+            result.message = urllib.parse.unquote(
+                result.headers.get(b"grpc-message", b"").decode("ascii", "replace")
+            )
+        return result
