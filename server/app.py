@@ -212,8 +212,16 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 # Streams a connection may open beyond what the engine admits (see _channel_options).
-_MIN_CONCURRENT_STREAMS = 1024
 _STREAM_HEADROOM = 16
+
+
+def max_concurrent_streams(config: ServerConfig) -> int:
+    """The HTTP/2 stream limit per connection: the flag, raised to what the engine admits."""
+    engine = config.engine
+    return max(
+        config.max_concurrent_streams,
+        engine.max_batch_size + engine.max_queue_size + _STREAM_HEADROOM,
+    )
 
 
 def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
@@ -230,7 +238,6 @@ def _connection_age_options(config: ServerConfig) -> list[tuple[str, Any]]:
 
 
 def _security_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    engine = config.engine
     return [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -240,10 +247,7 @@ def _security_options(config: ServerConfig) -> list[tuple[str, Any]]:
         # showed. The cap only bounds per-connection memory.
         (
             "grpc.max_concurrent_streams",
-            max(
-                _MIN_CONCURRENT_STREAMS,
-                engine.max_batch_size + engine.max_queue_size + _STREAM_HEADROOM,
-            ),
+            max_concurrent_streams(config),
         ),
         # The server pings idle peers to find dead connections and free their streams.
         ("grpc.keepalive_time_ms", 60_000),

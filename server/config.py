@@ -41,6 +41,10 @@ class ServerConfig:
     # Largest gRPC message accepted or sent, in bytes.
     max_receive_message_bytes: int = 4 * 1024 * 1024
     max_send_message_bytes: int = 16 * 1024 * 1024
+    # HTTP/2 streams one connection may have open; at least what the engine admits
+    # (max_batch_size + max_queue_size) plus headroom, so that overload is answered by the
+    # engine (RESOURCE_EXHAUSTED with RetryInfo) and not by grpc refusing streams.
+    max_concurrent_streams: int = 1024
     # On SIGTERM/SIGINT: how long in-flight requests may take to finish before being cancelled.
     shutdown_grace_s: float = 30.0
     # Send each client connection GOAWAY after this long (0 = never): clients then reconnect
@@ -153,6 +157,11 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("engine", "constraint_compile_threads", "threads that compile constraints"),
     _Option("server", "max_receive_message_bytes", "largest gRPC message accepted, in bytes"),
     _Option("server", "max_send_message_bytes", "largest gRPC message sent, in bytes"),
+    _Option(
+        "server",
+        "max_concurrent_streams",
+        "HTTP/2 streams per connection; raised to max batch size + max queue size + 16 if lower",
+    ),
     _Option("server", "shutdown_grace_s", "seconds in-flight requests get to finish on SIGTERM"),
     _Option(
         "server",
@@ -369,6 +378,8 @@ def validate_config(config: ServerConfig) -> list[str]:
         problems.append("--shutdown-grace-s must be >= 0")
     if config.max_connection_age_s < 0:
         problems.append("--max-connection-age-s must be >= 0")
+    if config.max_concurrent_streams < 1:
+        problems.append("--max-concurrent-streams must be >= 1")
     if config.stream_stall_timeout_s < 0:
         problems.append("--stream-stall-timeout-s must be >= 0")
     if engine.max_stream_buffered_tokens < 0:
