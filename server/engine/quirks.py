@@ -13,13 +13,14 @@ forward must say how to keep such rows apart.
 
 * Phi-3 LongRoPE (``rope_parameters``/``rope_scaling`` of type ``longrope``, e.g.
   Phi-3-mini-128k, Phi-3.5, Phi-4-mini): transformers picks the *long* or *short* RoPE factors
-  for the whole forward from the largest position in it (``seq_len >
+  for the whole forward from the largest position in it (``max(position_ids) + 1 >
   original_max_position_embeddings``), so a short row next to a long one gets the long
-  factors and different tokens. ``RopeSwitch.side(length)`` maps a row's length (prompt plus
-  tokens so far, i.e. the largest position its next forward touches, plus one) to 0 or 1;
-  rows may share a forward only on the same side. For a whole ``generate`` call the side of
-  the *end* length (prompt + max_new_tokens) is what matters, and a row whose prompt is short
-  but whose end is long would cross during the call: ``batch_partition`` keys it apart.
+  factors and different tokens; and the first time a sequence outgrows the switch,
+  ``Phi3ForCausalLM.prepare_inputs_for_generation`` drops the cache and feeds it again.
+  ``RopeSwitch.side(length)`` maps a row's length (prompt plus tokens so far: the positions
+  its next forward covers) to 0 or 1; the decode loop plugs it into its per-row partition
+  hook (``Batcher.partition``), so every forward holds rows of one side only, and a row that
+  crosses is prefilled again on the long side, as ``generate`` does.
 """
 
 from __future__ import annotations
@@ -122,23 +123,3 @@ def rope_switch(config: Any) -> RopeSwitch | None:
     if original is None:
         return None
     return RopeSwitch(original)
-
-
-def batch_partition(
-    switch: RopeSwitch | None, prompt_len: int, max_new_tokens: int
-) -> tuple[int, ...]:
-    """The static batcher's partition for one ``generate`` call: only equal ones share it.
-
-    A call of K new tokens runs forwards whose longest row reaches ``longest prompt + k`` for
-    k < K. ``(0,)``: the call stays on the short side (the batcher must also keep the batch's
-    longest prompt + largest max_new_tokens - 1 within the threshold); ``(1,)``: long from the
-    first forward; ``(2, prompt_len)``: it crosses the switch mid-call, at a step fixed by its
-    prompt length alone, so only crossing rows of the same prompt length may share it.
-    """
-    if switch is None:
-        return ()
-    start = switch.side(prompt_len)
-    end = switch.side(prompt_len + max_new_tokens - 1)
-    if start == end:
-        return (start,)
-    return (2, prompt_len)

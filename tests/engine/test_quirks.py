@@ -6,7 +6,6 @@ import pytest
 from peftserve.server.engine.quirks import (
     UINT32_MAX,
     RopeSwitch,
-    batch_partition,
     context_length,
     rope_switch,
 )
@@ -71,15 +70,3 @@ def test_rope_switch_sides_follow_transformers_comparison() -> None:
     switch = RopeSwitch(24)
     assert switch.side(24) == 0
     assert switch.side(25) == 1
-
-
-def test_batch_partition_keeps_calls_on_one_side_or_alone() -> None:
-    switch = RopeSwitch(24)
-    assert batch_partition(None, 5, 100) == ()
-    assert batch_partition(switch, 5, 8) == (0,)  # ends at 12 positions
-    assert batch_partition(switch, 17, 8) == (0,)  # last forward sees 24 positions
-    assert batch_partition(switch, 25, 8) == (1,)
-    # Crossing mid-call: only with rows that cross at the same step (same prompt length).
-    assert batch_partition(switch, 18, 8) == (2, 18)
-    assert batch_partition(switch, 18, 30) == (2, 18)
-    assert batch_partition(switch, 19, 8) != batch_partition(switch, 18, 8)
