@@ -83,6 +83,13 @@ def test_base_lora_and_other_adapter_equal_solo_alone_and_mixed(served: Served) 
     for name in ("lora", "lora_b", "other"):
         assert adapters[name].state == pb.ADAPTER_STATE_READY, adapters[name].error
     cases = [(a, t) for a in ("", "lora", "lora_b", "other") for t in PROMPTS]
+    for name in ("lora", "lora_b", "other"):
+        # An adapter that changes no token could not reveal a routing error.
+        assert any(
+            served.reference(name, served.encode(t), MAX_NEW)
+            != served.reference("", served.encode(t), MAX_NEW)
+            for t in PROMPTS
+        ), f"{name} changes no token on {served.family.name}"
     for adapter, text in cases:  # alone
         _check(served, adapter, text, served.stub.Generate(_request(adapter, text), timeout=60))
     for (adapter, text), response in zip(cases, _together(served, cases), strict=True):
