@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .rows import Row
-from .structured import apply_masks
+from .structured import apply_masks, dead_ends
 from .types import TokenLogprob, TopLogprob
 
 # Exponential draws of exactly 0 would divide by zero; the smallest normal float32 is far
@@ -106,6 +106,7 @@ class Sampler:
             ends = apply_masks(block, [rows[i].constraint for i in constrained])  # type: ignore[misc]
             scores[index] = block
             dead = {i for i, end in zip(constrained, ends, strict=True) if end}
+        recheck: list[int] = []
         for i, row in enumerate(rows):
             if len(row.processors) == 0 or i in dead:
                 continue
@@ -114,8 +115,12 @@ class Sampler:
             ids = row.history(self.device)
             # transformers annotates LongTensor/FloatTensor, which slicing never yields.
             scores[i : i + 1] = row.processors(ids, scores[i : i + 1].clone())  # type: ignore[arg-type]
-            if row.constraint is not None and row.constraint.is_dead_end(scores[i]):
-                dead.add(i)
+            if row.constraint is not None:
+                recheck.append(i)
+        if recheck:
+            # A constrained row's processors may remove what its mask left: one check for all.
+            ends = dead_ends(scores[recheck])
+            dead.update(i for i, end in zip(recheck, ends, strict=True) if end)
         for i in dead:
             # Nothing is left to choose: never sample from all -inf (NaN); end the row.
             rows[i].dead_end = True

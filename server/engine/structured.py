@@ -258,33 +258,47 @@ def _executor() -> Any:
     return _EXECUTOR
 
 
-def stack_masks(constraints: Sequence[RowConstraint]) -> torch.Tensor:
-    """The ``allowed()`` masks of several rows as one (rows, vocab) tensor (vectorised use).
-
-    Every live matcher writes its bitmask into one shared buffer in a single call (the GIL
-    released), and one unpack turns the buffer into booleans: the per-row Python cost is a
-    tuple, not a mask."""
+def _allowed_block(constraints: Sequence[RowConstraint]) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Every live matcher writes its bitmask into one shared buffer in a single call (the GIL
+    released), and one unpack turns the buffer into a (rows, vocab) boolean array: the per-row
+    Python cost is a tuple, not a mask."""
     vocab = constraints[0].compiled.vocab_size
     words = (vocab + 31) // 32
     bits = np.zeros((len(constraints), words), dtype=np.int32)
     live = [(c._matcher, j) for j, c in enumerate(constraints) if c._live()]
     if live:
         _executor().unsafe_compute_mask_ptr(live, bits.ctypes.data, words * 4, len(constraints))
-    mask = np.unpackbits(bits.view(np.uint8), axis=1, count=vocab, bitorder="little")
-    allowed = mask.view(np.bool_)
+    unpacked = np.unpackbits(bits.view(np.uint8), axis=1, count=vocab, bitorder="little")
+    allowed: np.ndarray[Any, np.dtype[np.bool_]] = unpacked.view(np.bool_)
     for j, c in enumerate(constraints):
         if c._stop_list:
             allowed[j, c._stop_list] = c.is_complete
-    return torch.from_numpy(allowed)
+    return allowed
+
+
+def stack_masks(constraints: Sequence[RowConstraint]) -> torch.Tensor:
+    """The ``allowed()`` masks of several rows as one (rows, vocab) tensor (vectorised use)."""
+    return torch.from_numpy(_allowed_block(constraints))
 
 
 def apply_masks(logits: torch.Tensor, constraints: Sequence[RowConstraint]) -> list[bool]:
     """Mask a (rows, vocab) block of logits in place, row i by ``constraints[i]``, in one
-    tensor operation; returns which rows are dead ends (no token left)."""
-    allowed = stack_masks(constraints).to(logits.device)
-    width = min(allowed.shape[1], logits.shape[1])
-    logits[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))
+    tensor operation; returns which rows are dead ends (their constraint allows no token).
+
+    A row's own processors may still remove the tokens left (bad words, min tokens): check
+    those rows again after them (``dead_ends``)."""
+    allowed = _allowed_block(constraints)
+    dead: list[bool] = [not a for a in np.any(allowed, axis=1).tolist()]
+    blocked = torch.from_numpy(~allowed)
+    if blocked.device != logits.device:
+        blocked = blocked.to(logits.device, non_blocking=True)
+    width = min(blocked.shape[1], logits.shape[1])
+    logits[:, :width].masked_fill_(blocked[:, :width], float("-inf"))
     if logits.shape[1] > width:
         logits[:, width:] = float("-inf")
-    dead = ~torch.isfinite(logits).any(dim=1)
-    return [bool(d) for d in dead.tolist()]
+    return dead
+
+
+def dead_ends(logits: torch.Tensor) -> list[bool]:
+    """Which rows of a (rows, vocab) block have no finite logit left, in one operation."""
+    return [not bool(f) for f in torch.isfinite(logits).any(dim=1).tolist()]

@@ -355,6 +355,7 @@ def test_row_constraint_verbs_for_any_sampler() -> None:
         ConstraintCompiler,
         RowConstraint,
         apply_masks,
+        dead_ends,
         stack_masks,
     )
 
@@ -387,11 +388,14 @@ def test_row_constraint_verbs_for_any_sampler() -> None:
         assert torch.equal(stacked[0], row.allowed()) and torch.equal(stacked[1], other.allowed())
         logits = torch.zeros(2, vocab)
         logits[0, EOS_ID] = logits[0, SEP_ID] = float("-inf")  # e.g. min_new_tokens
-        assert apply_masks(logits, [row, other]) == [True, False]
+        # The masks leave tokens in both rows; row 0's own rules then removed them.
+        assert apply_masks(logits, [row, other]) == [False, False]
+        assert dead_ends(logits) == [True, False]
         assert int(torch.argmax(logits[1])) in (a, b)
         # A token the grammar refuses puts the matcher in error: nothing is allowed after it.
         other.accept(byte_token_id(ord("z")))
         assert not other.allowed().any() and not other.is_complete
+        assert apply_masks(torch.zeros(1, vocab), [other]) == [True]
     finally:
         compiler.close()
 
