@@ -154,12 +154,10 @@ def test_a_fault_inside_a_mixed_batch_leaves_the_model_clean(
                 else:
                     assert list(outcome.sequences[0].token_ids) == references[adapter]
             assert failed >= (0 if isinstance(error, torch.OutOfMemoryError) else 2)
-            # Asked on the worker between batches: results are published from inside generate,
+            # Asked on the worker between steps: results are published from inside a step,
             # before peft's own cleanup of a successful call has run.
             batcher = server.server.engine()._batcher
-            # The static batcher runs work between batches, the decode loop between steps.
-            run_between = getattr(batcher, "run_between_steps", None) or batcher.run_between_batches
-            between = run_between(lambda: leftover_hooks(model))
+            between = batcher.run_between_steps(lambda: leftover_hooks(model))
             assert between.result(timeout=60) == []
             _assert_serves_references(stub, references)
     finally:
