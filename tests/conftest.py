@@ -13,6 +13,13 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from peftserve.ray.local import configure_env as configure_ray_env
+
+# Ray reads its environment when it is first imported, which for the Ray tests is at
+# collection time, before any fixture runs: set it here, in the first conftest loaded, so a Ray
+# node's address is 127.0.0.1 and never the host's interface address (tests talk only to
+# loopback). Importing peftserve.ray.local does not import Ray.
+configure_ray_env()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "models" / "demo" / "base"
