@@ -85,20 +85,22 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
-def _scenario_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = sorted(set(values) - set(SCENARIOS))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown scenarios {unknown}; choose from {SCENARIOS}")
-    return values
+def _names_in(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of names, each one of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = sorted(set(values) - set(choices))
+        if unknown:
+            known = ", ".join(choices)
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {known}")
+        return values
+
+    return parse
 
 
-def _baseline_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = sorted(set(values) - set(BASELINES))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown baselines {unknown}; choose from {BASELINES}")
-    return values
+_scenario_list = _names_in(SCENARIOS, "scenarios")
+_baseline_list = _names_in(BASELINES, "baselines")
 
 
 def build_parser() -> argparse.ArgumentParser:
