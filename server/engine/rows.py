@@ -24,6 +24,7 @@ from transformers import LogitsProcessorList
 
 from .detokenize import Decoder, TextStream
 from .handle import Job
+from .processors import RowPlan
 from .structured import RowConstraint
 from .types import FinishReason, TokenEvent, TokenLogprob
 
@@ -48,6 +49,7 @@ class Row:
     dead_end: bool = False  # the constraint left no token at the last step
     # Constrained and the text does not satisfy the constraint (set when the row finishes).
     incomplete: bool = False
+    plan: RowPlan | None = None  # the sampler's batched form of ``processors`` (first use)
 
     @property
     def finished(self) -> bool:

@@ -6,12 +6,14 @@ The logits of every forward of a step arrive as one ``(rows, vocab)`` float32 te
 * a constrained row gets its constraint's mask first (so top-k/top-p act on the allowed
   tokens only); a row whose mask and processors leave nothing is marked a dead end;
 * rows with logits processors (penalties, bad words, bias, min tokens, top-k/p, min-p,
-  typical-p, temperature) run transformers' own processors on their own un-padded ids, one
-  row at a time; every other row is left untouched;
+  typical-p, temperature) run them batched (``processors.BatchedProcessors``: rows whose
+  processors agree as one tensor operation, bit-identical to each row's own processors); only
+  what cannot be batched exactly, and rows whose list is not transformers', run per row on
+  their own un-padded ids; every other row is left untouched;
 * greedy rows take the argmax; a sampled row takes ``argmax(probs / q)`` with ``q`` drawn
   i.i.d. Exponential(1) from the row's own ``torch.Generator`` (the exponential-race form of
   sampling from ``probs``), so its tokens depend only on its seed and its own logits, alone or
-  in any crowd. Both are one batched ``argmax``;
+  in any crowd: one draw per sampled row, one division and one batched ``argmax`` for all;
 * logprobs (raw ``log_softmax`` of the model's logits, the chosen token and the top-n) are
   computed batched for the rows that asked;
 * everything the host needs (tokens, logprobs) crosses to the host in one transfer per step.
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .processors import BatchedProcessors, row_plan
 from .rows import Row
 from .structured import apply_masks, dead_ends
 from .types import TokenLogprob, TopLogprob
@@ -48,15 +51,18 @@ class Sampler:
     def __init__(self, device: torch.device, token_text: Callable[[int], str]) -> None:
         self.device = device
         self.token_text = token_text
+        self._processors = BatchedProcessors(device)
 
     def choose(self, logits: torch.Tensor, rows: Sequence[Row]) -> Choices:
         scores = self._processed(logits, rows)
         sampled = [i for i, row in enumerate(rows) if row.samples]
         if sampled:
             picks = scores[sampled].softmax(dim=-1)
+            noise = torch.empty_like(picks)
             for k, i in enumerate(sampled):
-                noise = torch.empty_like(picks[k]).exponential_(generator=rows[i].generator)
-                picks[k] /= noise.clamp_min_(_MIN_NOISE)
+                # Each row's own stream (a contiguous row draws what a fresh vector would).
+                noise[k].exponential_(generator=rows[i].generator)
+            picks /= noise.clamp_min_(_MIN_NOISE)
             if scores is logits:
                 scores = logits.clone()
             scores[sampled] = picks
@@ -106,19 +112,24 @@ class Sampler:
             ends = apply_masks(block, [rows[i].constraint for i in constrained])  # type: ignore[misc]
             scores[index] = block
             dead = {i for i, end in zip(constrained, ends, strict=True) if end}
-        recheck: list[int] = []
+        batched: list[int] = []
+        alone: list[int] = []
         for i, row in enumerate(rows):
             if len(row.processors) == 0 or i in dead:
                 continue
-            if scores is logits:
-                scores = logits.clone()
-            ids = row.history(self.device)
+            (batched if row_plan(row).steps is not None else alone).append(i)
+        if (batched or alone) and scores is logits:
+            scores = logits.clone()
+        if batched:
+            self._processors.apply(scores, rows, batched)
+        for i in alone:
+            ids = rows[i].history(self.device)
             # transformers annotates LongTensor/FloatTensor, which slicing never yields.
-            scores[i : i + 1] = row.processors(ids, scores[i : i + 1].clone())  # type: ignore[arg-type]
-            if row.constraint is not None:
-                recheck.append(i)
+            scores[i : i + 1] = rows[i].processors(ids, scores[i : i + 1].clone())  # type: ignore[arg-type]
+        recheck = [i for i in batched + alone if rows[i].constraint is not None]
         if recheck:
             # A constrained row's processors may remove what its mask left: one check for all.
+            recheck.sort()
             ends = dead_ends(scores[recheck])
             dead.update(i for i, end in zip(recheck, ends, strict=True) if end)
         for i in dead:

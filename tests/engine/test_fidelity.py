@@ -310,3 +310,87 @@ def test_single_adapter_batches_equal_solo_runs(
     for request, result in zip(requests, results, strict=True):
         case = Case(request, solo_kwargs)
         assert [s.token_ids for s in result.sequences] == _solo_tokens(engine, reference, case)
+
+
+def _ids(engine: Engine, text: str) -> list[int]:
+    return list(engine.tokenize(text, add_special_tokens=False).token_ids)
+
+
+def test_mixed_processor_configs_in_one_batch_equal_solo(
+    engine: Engine, reference: Reference, aio: asyncio.Runner
+) -> None:
+    """Rows with different processors share the batched processors (same kind, different
+    parameters; batched and per-row kinds in one row): each greedy row equals its solo
+    ``generate``, each seeded sampled row its solo engine run."""
+    (lora_a, lora_b, *_), _ = _adapters(engine)
+    single, multi = _ids(engine, "e"), _ids(engine, "th")
+    assert len(single) == 1 and len(multi) > 1, "one single- and one multi-token word"
+    greedy: list[tuple[GenerationParams, dict[str, Any]]] = [
+        (GenerationParams(min_new_tokens=9), {"min_new_tokens": 9}),
+        (GenerationParams(min_new_tokens=3), {"min_new_tokens": 3}),
+        (GenerationParams(repetition_penalty=1.4), {"repetition_penalty": 1.4}),
+        (
+            GenerationParams(repetition_penalty=0.8, min_new_tokens=5),
+            {
+                "repetition_penalty": 0.8,
+                "min_new_tokens": 5,
+            },
+        ),
+        (GenerationParams(bad_words=("e",)), {"bad_words_ids": [single]}),
+        (GenerationParams(bad_words=("e", "th")), {"bad_words_ids": [single, multi]}),
+        (
+            GenerationParams(sequence_bias=(("a", 4.0), ("o", -2.5))),
+            {
+                "sequence_bias": [[_ids(engine, "a"), 4.0], [_ids(engine, "o"), -2.5]],
+            },
+        ),
+        (
+            GenerationParams(sequence_bias=(("th", 6.0),), repetition_penalty=1.4),
+            {
+                "sequence_bias": [[multi, 6.0]],
+                "repetition_penalty": 1.4,
+            },
+        ),
+        (
+            GenerationParams(no_repeat_ngram_size=2, min_new_tokens=9),
+            {
+                "no_repeat_ngram_size": 2,
+                "min_new_tokens": 9,
+            },
+        ),
+    ]
+    cases: list[Case] = []
+    adapters = ["", lora_a, lora_b]
+    for i, (params, solo) in enumerate(greedy):
+        request = GenerationRequest(
+            f"proc-{i}",
+            text=_prompt(4 + 7 * i, i),
+            adapter=adapters[i % 3],
+            parameters=replace(params, max_new_tokens=10, do_sample=False),
+        )
+        cases.append(Case(request, {"max_new_tokens": 10, "do_sample": False, **solo}))
+    sampled = [
+        GenerationParams(temperature=3.0, top_k=40),
+        GenerationParams(temperature=3.0, top_k=40, min_new_tokens=8),
+        GenerationParams(temperature=2.0, top_p=0.95, repetition_penalty=1.3),
+        GenerationParams(temperature=3.0, min_p=0.02, bad_words=("e",)),
+        GenerationParams(temperature=3.0, typical_p=0.9),
+    ]
+    for i, params in enumerate(sampled):
+        request = GenerationRequest(
+            f"proc-sample-{i}",
+            text=_prompt(3 + 11 * i, 20 + i),
+            adapter=adapters[i % 3],
+            parameters=replace(params, max_new_tokens=9, do_sample=True, seed=40 + i),
+        )
+        cases.append(Case(request))
+    results = aio.run(_submit_all(engine, [c.request for c in cases]))
+    assert max(r.batch_size for r in results) > 4, "the workload should actually have been batched"
+    for case, result in zip(cases, results, strict=True):
+        got = [s.token_ids for s in result.sequences]
+        if case.solo is not None:
+            assert got == _solo_tokens(engine, reference, case), case.request.request_id
+        else:
+            alone = aio.run(_submit_all(engine, [case.request]))[0]
+            assert alone.batch_size == 1
+            assert got == [s.token_ids for s in alone.sequences], case.request.request_id

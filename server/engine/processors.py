@@ -1,0 +1,332 @@
+"""Every row's own logits processors applied batched: the same floats, a few tensor operations.
+
+A row's processors are transformers' own (``GenerationMixin._get_logits_processor``, in its
+fixed order). ``plan`` turns a row's list into steps, one per processor, each with a *rank* (the
+processor's place in transformers' order) and a *key* (what it does: kind and parameters).
+``BatchedProcessors.apply`` then walks the ranks in order and runs each step for all rows whose
+keys agree as one operation on their block of logits. A row sees its processors in its own
+order and each processor's arithmetic unchanged, only with more rows at once, so its logits are
+bit-identical to what its own processors produce alone (tested on random logits):
+
+* warpers that read the scores only (temperature, top-k, top-p, min-p, epsilon) are the
+  processor object itself called on the block of every row with the same parameters (a
+  temperature is a Python scalar here as in ``generate``: rows with different temperatures
+  are different blocks);
+* min-new-tokens / min-length: one indexed fill of ``-inf`` at the EOS ids of the rows below
+  their minimum this step;
+* repetition penalty: ``where(seen, penalised, scores)`` with ``seen`` the rows' sets of
+  prompt and generated ids, kept incrementally in one ``(slots, vocab)`` tensor
+  (``SeenTokens``: each step folds in only the tokens a row got since), the same values the
+  processor's gather/scatter writes;
+* bad words and sequence biases of single tokens: one addition of the processor's own bias
+  vector (a shared one broadcast, different ones stacked).
+
+What cannot be batched exactly runs per row at its place in the row's order, with the row's
+un-padded ids: no-repeat n-grams, bad words or biases of several tokens, typical-p and the
+entropy-based warpers (their sums would be reduced in a different order over a batch when
+torch uses several threads), and every processor not named here. A row whose list is not in
+transformers' order (extra processors appended) runs its whole list per row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.generation.logits_process import ExponentialDecayLengthPenalty, TopHLogitsWarper
+
+if TYPE_CHECKING:
+    from .rows import Row
+
+# transformers' order (GenerationMixin._get_logits_processor); a row's ranks strictly increase.
+_ORDER: tuple[type, ...] = (
+    SequenceBiasLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
+    ExponentialDecayLengthPenalty,
+    SuppressTokensLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopHLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    LogitNormalization,
+)
+_RANK = {cls: rank for rank, cls in enumerate(_ORDER)}
+
+# How a step runs.
+_WARP = "warp"  # the processor on the block of all rows with its key (reads scores only)
+_MIN_NEW = "min_new"  # -inf at the EOS ids while new tokens < minimum
+_MIN_LENGTH = "min_length"  # -inf at the EOS ids while prompt + new tokens < minimum
+_PENALTY = "penalty"  # repetition penalty over the rows' seen ids
+_BIAS = "bias"  # + the processor's single-token bias vector
+_ROW = "row"  # the processor alone, on the row's own ids
+
+
+@dataclass(frozen=True)
+class Step:
+    """One processor of a row: where it runs in transformers' order and how."""
+
+    rank: int
+    mode: str
+    key: tuple[Any, ...]  # equal keys: one operation for all their rows
+    processor: Any
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """A row's processors as batched steps; ``steps`` is None: the whole list runs per row."""
+
+    size: int  # len(processors) it was made from (a list that grew is planned again)
+    steps: tuple[Step, ...] | None
+
+
+def _eos_key(processor: Any) -> tuple[int, ...]:
+    return tuple(int(t) for t in torch.as_tensor(processor.eos_token_id).flatten().tolist())
+
+
+def _step(processor: Any) -> Step | None:
+    cls = type(processor)
+    rank = _RANK.get(cls)
+    if rank is None:
+        return None
+    mode: str = _ROW
+    key: tuple[Any, ...] = (id(processor),)
+    if cls is TemperatureLogitsWarper:
+        mode, key = _WARP, (cls, float(processor.temperature))
+    elif cls is TopKLogitsWarper:
+        mode, key = _WARP, (cls, processor.top_k, processor.filter_value)
+    elif cls in (TopPLogitsWarper, MinPLogitsWarper):
+        value = processor.top_p if cls is TopPLogitsWarper else processor.min_p
+        mode, key = _WARP, (cls, value, processor.filter_value, processor.min_tokens_to_keep)
+    elif cls is EpsilonLogitsWarper:
+        key = (cls, processor.epsilon, processor.filter_value, processor.min_tokens_to_keep)
+        mode = _WARP
+    elif cls is MinNewTokensLengthLogitsProcessor:
+        mode, key = _MIN_NEW, (_MIN_NEW, _eos_key(processor))
+    elif cls is MinLengthLogitsProcessor:
+        mode, key = _MIN_LENGTH, (_MIN_LENGTH, _eos_key(processor))
+    elif cls is RepetitionPenaltyLogitsProcessor and processor.prompt_ignore_length is None:
+        mode, key = _PENALTY, (_PENALTY, float(processor.penalty))
+    elif cls in (SequenceBiasLogitsProcessor, NoBadWordsLogitsProcessor):
+        biases = processor.sequence_bias  # {token ids: bias} once constructed
+        if isinstance(biases, dict) and all(len(ids) == 1 for ids in biases):
+            mode, key = _BIAS, (_BIAS, tuple(sorted(biases.items())))
+    return Step(rank, mode, key, processor)
+
+
+def plan(processors: Sequence[Any]) -> RowPlan:
+    """The batched form of one row's processor list."""
+    steps = [_step(p) for p in processors]
+    ranks = [s.rank for s in steps if s is not None]
+    if None in steps or any(b <= a for a, b in itertools.pairwise(ranks)):
+        return RowPlan(len(processors), None)
+    return RowPlan(len(processors), tuple(s for s in steps if s is not None))
+
+
+def row_plan(row: Row) -> RowPlan:
+    """``row``'s plan, made on first use and again if its processor list changed size."""
+    current = row.plan
+    if current is None or current.size != len(row.processors):
+        current = row.plan = plan(row.processors)
+    return current
+
+
+class SeenTokens:
+    """Which ids each repetition-penalised row has seen (prompt and generated): one boolean
+    row per slot, updated incrementally. A row keeps its slot until it finishes; slots of
+    finished rows are reused when no free one is left, and the table doubles when all are
+    taken."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)
+        self._owners: list[Row | None] = []
+        self._free: list[int] = []
+        self._slots: dict[Row, tuple[int, int]] = {}  # row -> (slot, ids folded in so far)
+
+    def slots(self, rows: Sequence[Row], vocab: int) -> torch.Tensor:
+        """The slots of ``rows`` (a long tensor), every row's ids up to now folded in."""
+        if self.mask.shape[1] != vocab:
+            self.mask = torch.zeros((0, vocab), dtype=torch.bool, device=self.device)
+            self._owners, self._free, self._slots = [], [], {}
+        out: list[int] = []
+        cleared: list[int] = []
+        at: list[int] = []
+        ids: list[int] = []
+        for row in rows:
+            entry = self._slots.get(row)
+            length = row.length
+            if entry is None or entry[1] > length:
+                slot = entry[0] if entry is not None else self._take(row)
+                cleared.append(slot)
+                new = (*row.prompt, *row.tokens)
+            else:
+                slot, folded = entry
+                new = tuple(row.tokens[folded - len(row.prompt) :]) if folded < length else ()
+            self._slots[row] = (slot, length)
+            out.append(slot)
+            for token in new:
+                if 0 <= token < vocab:  # transformers drops ids beyond the logits
+                    at.append(slot)
+                    ids.append(token)
+        if cleared:
+            self.mask[torch.tensor(cleared, device=self.device)] = False
+        if ids:
+            index = torch.tensor([at, ids], device=self.device)
+            self.mask[index[0], index[1]] = True
+        return torch.tensor(out, device=self.device)
+
+    def _take(self, row: Row) -> int:
+        if not self._free:
+            for slot, owner in enumerate(self._owners):
+                if owner is not None and owner.finished:
+                    del self._slots[owner]
+                    self._owners[slot] = None
+                    self._free.append(slot)
+        if not self._free:
+            size = len(self._owners)
+            grown = max(8, 2 * size)
+            extra = torch.zeros((grown - size, self.mask.shape[1]), dtype=torch.bool)
+            self.mask = torch.cat([self.mask, extra.to(self.device)])
+            self._owners.extend([None] * (grown - size))
+            self._free.extend(range(grown - 1, size - 1, -1))
+        slot = self._free.pop()
+        self._owners[slot] = row
+        return slot
+
+
+class BatchedProcessors:
+    """Applies the processors of many rows to one ``(rows, vocab)`` block of scores."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seen = SeenTokens(device)
+        self._biases: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._eos: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def apply(self, scores: torch.Tensor, rows: Sequence[Row], members: Sequence[int]) -> None:
+        """Run the processors of ``rows[i]`` for every ``i`` in ``members`` (ascending) on
+        ``scores[i]``, in place. Every member has a plan with steps (``row_plan``)."""
+        by_rank: dict[int, dict[tuple[Any, ...], list[tuple[int, Step]]]] = {}
+        for i in members:
+            for step in row_plan(rows[i]).steps or ():
+                by_rank.setdefault(step.rank, {}).setdefault(step.key, []).append((i, step))
+        histories: dict[int, torch.Tensor] = {}
+        for rank in sorted(by_rank):
+            for key, group in by_rank[rank].items():
+                self._run(scores, rows, group, key, histories)
+
+    def _run(
+        self,
+        scores: torch.Tensor,
+        rows: Sequence[Row],
+        group: list[tuple[int, Step]],
+        key: tuple[Any, ...],
+        histories: dict[int, torch.Tensor],
+    ) -> None:
+        first = group[0][1]
+        mode = first.mode
+        if mode == _ROW:
+            for i, step in group:
+                if i not in histories:
+                    histories[i] = rows[i].history(self.device)
+                scores[i : i + 1] = step.processor(histories[i], scores[i : i + 1].clone())
+            return
+        if mode in (_MIN_NEW, _MIN_LENGTH):
+            below = [i for i, step in group if _below_minimum(rows[i], step)]
+            if below:
+                eos = self._eos_ids(key[1], scores.shape[1])
+                if eos.numel():
+                    at = torch.tensor(below, device=self.device).unsqueeze(1)
+                    scores[at, eos] = -math.inf
+            return
+        members = [i for i, _ in group]
+        # All rows, ascending: work on ``scores`` itself, no select and copy back.
+        index = (
+            None if len(members) == scores.shape[0] else torch.tensor(members, device=self.device)
+        )
+        block = scores if index is None else scores.index_select(0, index)
+        if mode == _WARP:
+            out = first.processor(_NO_IDS, block)
+        elif mode == _PENALTY:
+            slots = self.seen.slots([rows[i] for i in members], scores.shape[1])
+            seen = self.seen.mask.index_select(0, slots)
+            penalty = key[1]
+            out = torch.where(seen, torch.where(block < 0, block * penalty, block / penalty), block)
+        else:  # _BIAS
+            out = block + self._bias(key, first.processor, scores)
+        if index is None:
+            scores.copy_(out)
+        else:
+            scores.index_copy_(0, index, out)
+
+    def _eos_ids(self, ids: tuple[int, ...], vocab: int) -> torch.Tensor:
+        eos = self._eos.get(ids)
+        if eos is None:
+            if len(self._eos) > 64:
+                self._eos.clear()  # one tensor per distinct EOS set; keep a few
+            # isin(arange(vocab), eos) in the processor: ids beyond the logits mask nothing.
+            eos = self._eos[ids] = torch.tensor(
+                [t for t in ids if 0 <= t < vocab], dtype=torch.long, device=self.device
+            )
+        return eos
+
+    def _bias(self, key: tuple[Any, ...], processor: Any, scores: torch.Tensor) -> torch.Tensor:
+        """The processor's own ``zeros + length_1_bias`` (it adds that to the scores)."""
+        bias = self._biases.get(key)
+        if bias is None or bias.shape[-1] != scores.shape[-1]:
+            if len(self._biases) > 64:
+                self._biases.clear()  # one vector per distinct bias set; keep a few
+            if not processor.prepared_bias_variables:
+                processor._prepare_bias_variables(scores)
+            bias = torch.zeros_like(scores[:1])
+            bias += processor.length_1_bias
+            self._biases[key] = bias
+        return bias
+
+
+# Warpers read the scores only; their input_ids argument is never looked at.
+_NO_IDS = torch.zeros((0, 0), dtype=torch.long)
+
+
+def _below_minimum(row: Row, step: Step) -> bool:
+    p = step.processor
+    if step.mode == _MIN_NEW:
+        return bool(row.length - p.prompt_length_to_skip < p.min_new_tokens)
+    return bool(row.length < p.min_length)
