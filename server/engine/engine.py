@@ -51,6 +51,7 @@ from .handle import Job, RequestHandle
 from .registry import (
     ADAPTER_NAME_PATTERN,
     CONFIG_FILE,
+    ROUTED_GROUP,
     AdapterListener,
     AdapterRegistry,
     check_adapter_name,
@@ -354,10 +355,10 @@ class Engine:
         """The sub-batch a request's rows decode in (before the quirk partition)."""
         adapter = job.prepared.adapter
         if adapter is None:
-            mixed = self._registry.mixed_group
-            return SubBatchKey(mixed.peft_type if mixed is not None else "base", None)
+            routed = self._registry.routes_adapters
+            return SubBatchKey(ROUTED_GROUP if routed else "base", None)
         if adapter.mixed_batching:
-            return SubBatchKey(adapter.group, None)
+            return SubBatchKey(ROUTED_GROUP, None)
         return SubBatchKey(adapter.group, adapter.name)
 
     # ---- lifecycle ----

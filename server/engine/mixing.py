@@ -9,9 +9,9 @@ transformers 5.24 / peft 0.21.2:
 kind                   other        base rows   same adapter  why
                        adapters
 =====================  ===========  ==========  ===========  ==================================
-LoRA (plain, rsLoRA,   yes*         yes*        yes           peft routes rows by
-all-linear, embed /                                           ``adapter_names``; equal to solo
-lm_head targets)
+LoRA (plain, rsLoRA,   yes*         yes*        yes           routed per row on the routed
+all-linear, embed /                                           tree (``routing.py``); equal to
+lm_head targets)                                              solo
 LoRA + DoRA            no           no          yes           peft refuses ``adapter_names``
                                                               with DoRA
 LoRA + modules_to_save no           no          yes           mixed: ``KeyError`` in peft; a
@@ -31,7 +31,7 @@ prefix tuning          no           no          same prompt   as above; refused 
 
 ``*`` "yes" is checked again at load, on the served model, by a probe forward (see
 ``registry.py``): a family may feed some LoRA layers flattened tokens (OPT's MLP, Qwen2-MoE's
-experts), which breaks peft's per-row routing. An adapter failing the probe is served alone.
+experts), which breaks per-row routing. An adapter failing the probe is served alone.
 
 Prompt-learning adapters are also probed at load: one that raises through ``generate`` or
 leaves the logits exactly as the base model's (ignored) is refused with FAILED_PRECONDITION.
@@ -52,7 +52,7 @@ class MixingRule:
     """How rows of one adapter may share a forward (see the module's table)."""
 
     kind: str  # the table row, e.g. "lora", "lora+dora"
-    # Rows of other adapters and base rows may share its forward (peft ``adapter_names``).
+    # Rows of other adapters and base rows may share its forward (the routed tree).
     mixed: bool
     # Only requests whose prompts have the same length share a batch (no left padding).
     same_prompt_length: bool
@@ -110,4 +110,4 @@ def rule_for(config: dict[str, Any]) -> MixingRule:
         )
     if _has(config, "alora_invocation_tokens"):
         return MixingRule("lora+alora", False, False, False, "aLoRA offsets are per request")
-    return MixingRule("lora", True, False, False, "peft routes each row by adapter_names")
+    return MixingRule("lora", True, False, False, "each row is routed through its own adapter")

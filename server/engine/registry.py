@@ -6,11 +6,12 @@ of the base weights, so every group wraps its own *module tree* whose parameters
 are the very tensors of the base model (a ``deepcopy`` whose memo maps each tensor to itself;
 ``shares_base_weights`` checks it by ``data_ptr``).
 
-Why ``mixed_batching`` and the groups: peft's ``adapter_names=`` routes each row of a batch
-through its own adapter, but only for some adapter kinds and only where every LoRA layer of the
-model sees one input row per batch row. ``mixing.py`` holds the table (decided by
-``tests/families``); ``attach`` applies it and probes the served model (see its docstring), so
-an adapter is mixed only where mixing was shown to equal solo runs. Adapters that cannot share
+Why ``mixed_batching`` and the routed tree: rows of mixed adapters share forwards on
+``self.routed`` (``routing.py``), which routes each row through its own adapter, but only for
+some adapter kinds and only where every adapted layer of the model sees one input row per
+batch row. ``mixing.py`` holds the table (decided by ``tests/families``); ``attach`` applies it
+and probes the served model (see its docstring), so an adapter is mixed only where mixing was
+shown to equal solo runs. Adapters that cannot share
 a model with others (``modules_to_save``, DoRA, failed probes) get a ``PeftModel`` of their own.
 
 Lifecycle: besides the loaded adapters the registry keeps one ``_Entry`` per known adapter
@@ -42,17 +43,18 @@ from transformers import GenerationConfig
 from . import mixing
 from .errors import AdapterLoadError, InvalidRequestError
 from .peft_guard import guard_models
+from .routing import BASE_ROW_MARKER, RoutedTree
 from .types import AdapterEvent, AdapterEventKind, AdapterInfo, AdapterState, AdapterStatus
 
 logger = logging.getLogger(__name__)
 
-# peft's marker for "no adapter" rows in an ``adapter_names`` batch.
-BASE_ROW_MARKER = "__base__"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 CONFIG_FILE = "adapter_config.json"
-# The group whose PeftModel serves mixed batches (and base rows next to them).
+# The group whose PeftModel holds the plain LoRA adapters.
 MIXED_GROUP = "LORA"
+# The sub-batch group of rows on the routed tree (mixed adapters of any type, and base rows).
+ROUTED_GROUP = "routed"
 # Token ids of the load-time probes (taken modulo the vocabulary size).
 PROBE_IDS = (3, 5, 7, 11, 13)
 # Adapter names travel in requests, logs and metric labels: keep them short and plain.
@@ -255,6 +257,8 @@ class AdapterRegistry:
         self.root = adapters_dir
         self.max_loaded = max_loaded
         self.groups: dict[str, TypeGroup] = {}
+        # Rows of every mixed adapter (any type) and base rows share forwards here.
+        self.routed = RoutedTree(share_weights_copy(base))
         self._by_name: dict[str, AdapterInfo] = {}
         self._entries: dict[str, _Entry] = {}
         self.load_errors: dict[str, AdapterLoadError] = {}
@@ -329,7 +333,12 @@ class AdapterRegistry:
             if problem:
                 raise AdapterLoadError(info.name, problem)
         if info.mixed_batching:
-            problem = self._probe_mixed(scratch, info.name)
+            problem = self.routed.why_not(scratch, info.name)
+            if not problem:
+                self.routed.add(scratch, info.name)
+                problem = self._probe_mixed(scratch, info.name)
+                if problem:
+                    self.routed.remove(info.name)
             if problem:
                 logger.warning(
                     "adapter %s: per-row routing fails on this model (%s); served alone",
@@ -354,11 +363,15 @@ class AdapterRegistry:
             try:
                 group.model.load_adapter(info.path, adapter_name=info.name, is_trainable=False)
             except Exception as e:
+                self.routed.remove(info.name)
                 raise AdapterLoadError(
                     info.name, f"conflicts with the adapters of group {info.group}: {e}"
                 ) from e
             group.model.to(device)
             group.model.eval()
+            if info.mixed_batching:
+                # Route through the group's layers (the scratch model's weights go with it).
+                self.routed.add(group.model, info.name)
         with self._lock:
             self.groups[info.group] = group
             group.adapters[info.name] = info
@@ -373,15 +386,17 @@ class AdapterRegistry:
         return torch.tensor([ids] * rows, dtype=torch.long, device=device)
 
     def _probe_mixed(self, scratch: Any, name: str) -> str:
-        """Why a row routed by ``adapter_names`` differs from its solo forward ("" = it does not).
+        """Why a row routed on the routed tree differs from its solo forward ("" = it does not).
 
         Two rows of the same tokens, one for the adapter and one for the base model, against
         the adapter's own forward and the plain base model's.
         """
         ids = self._probe_ids(2)
+        tree = self.routed
         try:
-            with torch.inference_mode(), guard_models([scratch]):
-                mixed = scratch(input_ids=ids, adapter_names=[name, BASE_ROW_MARKER]).logits
+            with torch.inference_mode(), guard_models([scratch, tree.model]):
+                tree.assign([name, BASE_ROW_MARKER])
+                mixed = tree.model(input_ids=ids).logits
                 solo = scratch(input_ids=ids[:1]).logits
                 base = self.base(input_ids=ids[:1]).logits
         except Exception as e:
@@ -437,6 +452,7 @@ class AdapterRegistry:
 
     def detach(self, name: str) -> None:
         """Remove a loaded adapter's weights from its group (an own group goes with it)."""
+        self.routed.remove(name)
         with self._lock:
             info = self._by_name.pop(name, None)
             group = self.groups.get(info.group) if info is not None else None
@@ -581,13 +597,14 @@ class AdapterRegistry:
     def models(self) -> list[torch.nn.Module]:
         """The plain base model and every type group's ``PeftModel`` (separate module trees)."""
         with self._lock:
-            return [self.base, *(g.model for g in self.groups.values())]
+            return [self.base, self.routed.model, *(g.model for g in self.groups.values())]
 
     @property
-    def mixed_group(self) -> TypeGroup | None:
-        """The group whose model serves mixed batches (and base rows), if any."""
+    def routes_adapters(self) -> bool:
+        """Whether any mixed adapter is routed (then base rows join its sub-batches)."""
+        return bool(self.routed.adapters)
+
+    def type_group(self, name: str) -> str:
+        """The type group whose ``PeftModel`` holds adapter ``name``'s weights."""
         with self._lock:
-            group = self.groups.get(MIXED_GROUP)
-            if group is None or not any(a.mixed_batching for a in group.adapters.values()):
-                return None
-            return group
+            return self._by_name[name].group

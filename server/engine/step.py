@@ -4,13 +4,14 @@ It picks the model the rows' adapters need and calls its forward the way ``gener
 ``cache`` in and out, ``use_cache=True``, ``logits_to_keep=1`` where the model takes it, explicit
 ``position_ids`` where it takes them, and the last position's logits as a float32 copy.
 
-Model choice: base rows alone run on the untouched base model; rows of one type group run on
-the group's ``PeftModel``: plain-LoRA rows of several adapters (and base rows, as
-``"__base__"``) through peft's ``adapter_names``; a single adapter through ``set_adapter`` (peft's
-per-row routing costs ~30% of a forward on small models and gives the same rows). While a beam
-search is running through ``generate`` on a group's model (``lend``), the loop never switches
-that model's active adapter: LoRA rows then always go through ``adapter_names`` (its hooks live
-for one forward only), and rows of another non-mixable adapter of that group wait.
+Model choice: base rows alone run on the untouched base model; rows of mixed adapters (of any
+routable PEFT type) and base rows run on the registry's routed tree, one forward, each row
+through its own adapter (``routing.py``: the row assignment is made once per forward); rows of
+a non-mixable adapter run on its type group's ``PeftModel`` after ``set_adapter`` (called only
+when the active adapter changes: peft's ``set_adapter`` walks every module). While a beam search
+is running through ``generate`` on a group's model (``lend``), the loop never switches that
+model's active adapter: rows of another non-mixable adapter of that group wait. The routed tree
+shares no state with the group models, so its rows never wait for a beam search.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from .peft_guard import guard_models
-from .registry import BASE_ROW_MARKER, AdapterRegistry
+from .registry import BASE_ROW_MARKER, ROUTED_GROUP, AdapterRegistry
 from .rows import Row
 from .running import SubBatchKey
 
@@ -56,34 +57,34 @@ class ModelStep:
         """The model a beam search of ``adapter`` (None = base) runs ``generate`` on."""
         if adapter is None:
             return self.registry.base
+        if group == ROUTED_GROUP:
+            group = self.registry.type_group(adapter)
         model: Any = self.registry.groups[group].model
         model.set_adapter(adapter)
         return model
 
     def can_run(self, key: SubBatchKey) -> bool:
         """False while a beam search holds this key's model on another adapter."""
-        if self._lent is None or key.adapter is None or key.group == "base":
+        if self._lent is None or key.adapter is None or key.group in ("base", ROUTED_GROUP):
             return True
         model, adapter = self._lent
         return model is not self.registry.groups[key.group].model or adapter == key.adapter
 
-    def _model(self, key: SubBatchKey, rows: list[Row]) -> tuple[Any, dict[str, Any]]:
+    def _model(self, key: SubBatchKey, rows: list[Row]) -> Any:
         if key.group == "base":
-            return self.registry.base, {}
+            return self.registry.base
+        if key.group == ROUTED_GROUP:
+            tree = self.registry.routed
+            tree.assign([adapter_name(row) for row in rows])
+            if not tree.routing.groups:
+                # Only base rows: the untouched base model (its tensors are the tree's own).
+                return self.registry.base
+            return tree.model
+        assert key.adapter is not None, "a type group's key names its adapter"
         model: Any = self.registry.groups[key.group].model
-        if key.adapter is not None:
+        if model.active_adapter != key.adapter:
             model.set_adapter(key.adapter)
-            return model, {}
-        names = [adapter_name(row) for row in rows]
-        distinct = set(names)
-        if distinct == {BASE_ROW_MARKER}:
-            # Only base rows: the untouched base model (its tensors are the group's own).
-            return self.registry.base, {}
-        lent = self._lent is not None and self._lent[0] is model
-        if len(distinct) == 1 and not lent:
-            model.set_adapter(names[0])
-            return model, {}
-        return model, {"adapter_names": names}
+        return model
 
     def forward(
         self,
@@ -95,7 +96,8 @@ class ModelStep:
         cache: DynamicCache,
     ) -> torch.Tensor:
         """One forward; the (rows, vocab) float32 logits of each row's last position."""
-        model, kwargs = self._model(key, rows)
+        model = self._model(key, rows)
+        kwargs: dict[str, Any] = {}
         if self.takes_position_ids:
             kwargs["position_ids"] = position_ids
         if self.takes_logits_to_keep:

@@ -163,6 +163,12 @@ def test_adapters_loaded_with_shared_base_weights(engine: Engine, model_files: M
     registry = engine.registry
     for group in registry.groups.values():
         assert shares_base_weights(registry.base, group.model)
+    # The routed tree holds the base tensors and no parameter of its own.
+    tree = registry.routed.model
+    assert shares_base_weights(registry.base, tree)
+    assert {p.data_ptr() for p in tree.parameters()} == {
+        p.data_ptr() for p in registry.base.parameters()
+    }
     base_bytes = sum(p.numel() * p.element_size() for p in registry.base.parameters())
     distinct = {
         p.data_ptr(): p.numel() * p.element_size()

@@ -2,10 +2,12 @@
 
 peft removes its ``adapter_names`` hooks only on the happy path, so before the guard an error
 raised inside a mixed LoRA batch left them installed and every later single-adapter request
-failed with INTERNAL while health stayed SERVING. Here a real server on the demo model runs a
-real mixed batch (base + two LoRA adapters) and a fault is raised inside the model's forward
-(a plain error, and an OOM-shaped one that goes through the batcher's split-and-retry); after
-it, solo and mixed requests must still equal solo ``PeftModel.generate`` runs.
+failed with INTERNAL while health stayed SERVING. Mixed batches now run on the routed tree
+(``routing.py``), whose per-forward state is the row assignment made before each forward. Here a
+real server on the demo model runs a real mixed batch (base + two LoRA adapters) and a fault is
+raised inside the routed tree's forward (a plain error, and an OOM-shaped one that is retried);
+after it, solo and mixed requests must still equal solo ``PeftModel.generate`` runs, and no
+model carries a call-scoped hook. The guard alone is also tested on peft's own hooks.
 """
 
 from __future__ import annotations
@@ -93,13 +95,13 @@ def _assert_serves_references(stub: Any, references: dict[str, list[int]]) -> No
 class _FaultInForward:
     """Raises ``error`` once, inside the first decoder layer, in a forward of >1 rows."""
 
-    def __init__(self, model: Any, error: BaseException) -> None:
+    def __init__(self, tree: Any, error: BaseException) -> None:
         self.error = error
         self.armed = True
         self.batch_sizes: list[int] = []
-        self.adapter_names_seen: list[Any] = []
-        layer = model.base_model.model.model.layers[0]
-        self._lora_module = layer.self_attn.q_proj
+        self.adapters_seen: list[list[str]] = []
+        self._routing = tree.routing
+        layer = tree.model.model.layers[0]
         self._handle = layer.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: Any, args: Any, kwargs: Any) -> None:
@@ -108,19 +110,16 @@ class _FaultInForward:
         if self.armed and batch > 1:
             self.armed = False
             self.batch_sizes.append(batch)
-            # The adapter_names routing peft installed for this batch (it must be mixed).
-            for hook in self._lora_module._forward_pre_hooks.values():
-                names = getattr(hook, "keywords", {}).get("adapter_names")
-                if names is not None:
-                    self.adapter_names_seen.append(list(names))
+            # The adapters this forward routes its rows through (it must be mixed).
+            self.adapters_seen.append([name for name, _ in self._routing.groups])
             raise self.error
 
     def remove(self) -> None:
         self._handle.remove()
 
 
-def _lora_model(server: ServerThread) -> Any:
-    return server.server.engine().registry.groups["LORA"].model
+def _registry(server: ServerThread) -> Any:
+    return server.server.engine().registry
 
 
 @pytest.mark.parametrize(
@@ -133,14 +132,14 @@ def _lora_model(server: ServerThread) -> Any:
 def test_a_fault_inside_a_mixed_batch_leaves_the_model_clean(
     server: ServerThread, references: dict[str, list[int]], error: BaseException
 ) -> None:
-    model = _lora_model(server)
-    fault = _FaultInForward(model, error)
+    registry = _registry(server)
+    fault = _FaultInForward(registry.routed, error)
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
             outcomes = _generate_together(stub)
             assert fault.batch_sizes and fault.batch_sizes[0] >= 2, "no shared forward ran"
-            assert fault.adapter_names_seen and len(set(fault.adapter_names_seen[0])) >= 2, (
+            assert fault.adapters_seen and len(fault.adapters_seen[0]) >= 2, (
                 "the faulty forward must be a real mixed LoRA batch"
             )
             failed = 0
@@ -157,7 +156,10 @@ def test_a_fault_inside_a_mixed_batch_leaves_the_model_clean(
             # Asked on the worker between steps: results are published from inside a step,
             # before peft's own cleanup of a successful call has run.
             batcher = server.server.engine()._batcher
-            between = batcher.run_between_steps(lambda: leftover_hooks(model))
+            models = registry.models()
+            between = batcher.run_between_steps(
+                lambda: [hook for m in models for hook in leftover_hooks(m)]
+            )
             assert between.result(timeout=60) == []
             _assert_serves_references(stub, references)
     finally:

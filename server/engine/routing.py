@@ -1,0 +1,298 @@
+"""Per-row adapter routing: rows of several adapters, of any routable PEFT type, in one forward.
+
+Why not peft's ``adapter_names``: for every forward peft walks the model twice (a check that
+the names exist, then one ``forward_pre_hook`` registered on every LoRA layer), every LoRA
+layer then rebuilds each adapter's row list in Python (rows x adapters) and gathers the rows
+with a Python list; and only LoRA honours it at all (LoHa, LoKr and IA3 silently ignore it),
+so each of their adapters cost a forward of its own, base weights included.
+
+Here one plain module tree over the base model's tensors (``share_weights_copy``: no weight
+is copied) has every adapted leaf module replaced by a ``RoutedLayer``: its base module plus,
+per adapter, a function computing exactly what that adapter's own peft layer computes after
+its base call in a solo forward (same ops, same order, same dtype casts), reading the weights
+of the peft layer of the adapter's type group (no copy either). The row assignment is made
+once per forward (``Routing.assign``: per adapter an index tensor, or a slice where its rows
+are contiguous, or "all rows"), and every layer reads it. Each row therefore gets the numbers
+its solo forward computes; the fidelity tests (``tests/engine/test_fidelity.py``,
+``tests/families``) check it token by token.
+
+Routable: the peft layer classes in ``_DELTAS`` (LoRA ``Linear``/``Embedding`` without a
+variant such as DoRA, LoHa and LoKr ``Linear``) in eval mode; an adapter with any other layer
+(convolutions, peft's ``ParamWrapper`` over expert parameters, IA3) is not routable and keeps
+its own sub-batch (``mixing.py``). A layer fed flattened tokens (OPT's MLP) sees more input
+rows than the forward has: it raises ``RoutingError`` rather than route wrong rows, which the
+registry's load-time probe turns into "served alone".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners.loha import layer as loha_layer
+from peft.tuners.lokr import layer as lokr_layer
+from peft.tuners.lora import layer as lora_layer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.nn import functional
+
+# peft's marker for "no adapter" rows; such rows get the base layer's output only.
+BASE_ROW_MARKER = "__base__"
+
+# Rows of one adapter: None = every row of the forward, a slice, or an index tensor.
+Rows = slice | torch.Tensor | None
+# Bytes of LoHa/LoKr delta weights kept between forwards (see ``_lycoris_linear``).
+DELTA_CACHE_BYTES = 256 << 20
+
+
+class RoutingError(RuntimeError):
+    """A routed layer cannot route this forward's rows (e.g. it is fed flattened tokens)."""
+
+
+class Routing:
+    """The row assignment of the current forward, shared by every ``RoutedLayer`` of a tree."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.groups: tuple[tuple[str, Rows], ...] = ()
+        self._names: tuple[str, ...] = ()
+
+    def assign(self, names: Sequence[str], device: torch.device) -> None:
+        """Route row ``i`` through adapter ``names[i]`` (``BASE_ROW_MARKER``: none)."""
+        key = tuple(names)
+        if key == self._names:
+            return  # the same rows as the last forward (most decode steps)
+        positions: dict[str, list[int]] = {}
+        for i, name in enumerate(key):
+            positions.setdefault(name, []).append(i)
+        groups: list[tuple[str, Rows]] = []
+        for name, rows in positions.items():
+            if name == BASE_ROW_MARKER:
+                continue
+            if len(rows) == len(key):
+                groups.append((name, None))
+            elif rows[-1] - rows[0] + 1 == len(rows):
+                groups.append((name, slice(rows[0], rows[-1] + 1)))
+            else:
+                groups.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
+        self.rows = len(key)
+        self.groups = tuple(groups)
+        self._names = key
+
+    def clear(self) -> None:
+        self.rows = 0
+        self.groups = ()
+        self._names = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One adapter on one layer: ``increment(x)`` is what its solo forward adds to the base
+    result; the sum is then cast to the base result's dtype (LoRA) or the input's (LyCORIS)."""
+
+    increment: Callable[[torch.Tensor], torch.Tensor]
+    to_input_dtype: bool = False
+    cached_bytes: int = 0
+
+
+class RoutedLayer(nn.Module):
+    """A base module plus the adapters that target it; each row gets its own adapter's delta."""
+
+    def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltas: dict[str, Delta] = {}
+        self._routing = routing
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        routing = self._routing
+        for name, rows in routing.groups:
+            delta = self.deltas.get(name)
+            if delta is None:
+                continue  # this adapter does not target this module
+            dtype = x.dtype if delta.to_input_dtype else result.dtype
+            if rows is None:
+                result = (result + delta.increment(x)).to(dtype)
+                continue
+            if x.shape[0] != routing.rows:
+                raise RoutingError(
+                    f"a routed layer got {x.shape[0]} input rows for a forward of "
+                    f"{routing.rows} rows (flattened tokens?)"
+                )
+            if isinstance(rows, slice):
+                increment = delta.increment(x[rows])
+                if increment.dtype == result.dtype == dtype:
+                    # In place: the same single addition per element as ``result + increment``.
+                    result[rows].add_(increment)
+                else:
+                    result[rows] = (result[rows] + increment).to(dtype)
+                continue
+            increment = delta.increment(x.index_select(0, rows))
+            if increment.dtype == result.dtype == dtype:
+                result.index_add_(0, rows, increment)
+            else:
+                part = (result.index_select(0, rows) + increment).to(dtype)
+                result.index_copy_(0, rows, part)
+        return result
+
+
+def _lora_linear(layer: Any, name: str, cache_budget: int) -> Delta | None:
+    if name in layer.lora_variant or name not in layer.lora_A:
+        return None
+    weight_a = layer.lora_A[name].weight
+    lora_b = layer.lora_B[name]
+    weight_b, bias_b = lora_b.weight, lora_b.bias
+    scaling = layer.scaling[name]
+    cast = layer._cast_input_dtype
+
+    def increment(x: torch.Tensor) -> torch.Tensor:
+        # lora.Linear.forward: dropout is the identity in eval mode, lora_A/lora_B are Linear.
+        after_a = functional.linear(cast(x, weight_a.dtype), weight_a)
+        return functional.linear(after_a, weight_b, bias_b) * scaling
+
+    return Delta(increment)
+
+
+def _lora_embedding(layer: Any, name: str, cache_budget: int) -> Delta | None:
+    if name in layer.lora_variant or name not in layer.lora_embedding_A:
+        return None
+    if layer.input_fns.get(name) is not None or layer.output_fns.get(name) is not None:
+        return None
+    embedding_a = layer.lora_embedding_A[name]
+    embedding_b = layer.lora_embedding_B[name]
+    if not isinstance(embedding_a, torch.Tensor) or not isinstance(embedding_b, torch.Tensor):
+        return None
+    scaling = layer.scaling[name]
+
+    def increment(x: torch.Tensor) -> torch.Tensor:
+        # lora.Embedding.forward, one vanilla adapter.
+        output = (layer._embed(x, embedding_a.T) @ embedding_b.T) * scaling
+        embed_scale = layer._get_embed_scale()
+        if embed_scale is not None:
+            output = output * embed_scale.to(output.dtype)
+        return output
+
+    return Delta(increment)
+
+
+def _lycoris_linear(layer: Any, name: str, cache_budget: int) -> Delta | None:
+    """LoHa/LoKr ``Linear``: ``functional.linear(x, delta_weight)``. peft rebuilds the delta weight
+    from its factors in every forward; within ``cache_budget`` bytes it is built once here
+    (the same function of the same tensors: the same bits) and kept."""
+    if name not in layer._available_adapters:
+        return None
+    weight = layer.get_base_layer().weight
+    size = weight.numel() * weight.element_size()
+    if size <= cache_budget:
+        delta_weight = layer.get_delta_weight(name, apply_rank_dropout=False)
+        cast = layer._cast_input_dtype
+
+        def cached(x: torch.Tensor) -> torch.Tensor:
+            return functional.linear(cast(x, delta_weight.dtype), delta_weight)
+
+        return Delta(cached, to_input_dtype=True, cached_bytes=size)
+
+    def increment(x: torch.Tensor) -> torch.Tensor:
+        # loha/lokr Linear.forward in eval mode (no module or rank dropout).
+        return layer._get_delta_activations(name, x)
+
+    return Delta(increment, to_input_dtype=True)
+
+
+_DELTAS: dict[type, Callable[[Any, str, int], Delta | None]] = {
+    lora_layer.Linear: _lora_linear,
+    lora_layer.Embedding: _lora_embedding,
+    loha_layer.Linear: _lycoris_linear,
+    lokr_layer.Linear: _lycoris_linear,
+}
+
+
+def _tuner_layers(peft_model: Any, name: str) -> list[tuple[str, Any]]:
+    """(path in the transformers model, peft layer) of every tuner layer holding ``name``."""
+    model = peft_model.base_model.model
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and name in _adapter_names_of(module):
+            found.append((path, module))
+    return found
+
+
+def _adapter_names_of(layer: BaseTunerLayer) -> set[str]:
+    names: set[str] = set()
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is not None:
+            names.update(container.keys())
+    return names
+
+
+class RoutedTree:
+    """One module tree over the base tensors serving base rows and every routed adapter."""
+
+    def __init__(self, model: nn.Module, delta_cache_bytes: int = DELTA_CACHE_BYTES) -> None:
+        self.model = model  # a share_weights_copy of the base model
+        self.device = next(model.parameters()).device
+        self.routing = Routing()
+        self.delta_cache_bytes = delta_cache_bytes
+        self.layers: dict[str, RoutedLayer] = {}  # path -> the routed layer there
+        self.adapters: set[str] = set()
+
+    @staticmethod
+    def why_not(peft_model: Any, name: str) -> str:
+        """Why ``name`` in ``peft_model`` cannot be routed here ("" = it can)."""
+        layers = _tuner_layers(peft_model, name)
+        if not layers:
+            return "no adapter layers found"
+        for path, layer in layers:
+            make = _DELTAS.get(type(layer))
+            if make is None:
+                return f"{type(layer).__module__}.{type(layer).__name__} at {path} has no routing"
+            if layer.merged or layer.training or make(layer, name, 0) is None:
+                return f"{path}: this layer's adapter cannot be routed (variant, merged, ...)"
+        return ""
+
+    @torch.inference_mode()
+    def add(self, peft_model: Any, name: str) -> None:
+        """Route ``name`` through the layers of ``peft_model`` (``why_not`` must be "")."""
+        self.remove(name)
+        for path, layer in _tuner_layers(peft_model, name):
+            routed = self.layers.get(path)
+            if routed is None:
+                routed = self._wrap(path)
+            delta = _DELTAS[type(layer)](layer, name, self.delta_cache_bytes - self.cached_bytes())
+            assert delta is not None, path
+            routed.deltas[name] = delta
+        self.adapters.add(name)
+        self.routing.clear()
+
+    def remove(self, name: str) -> None:
+        """Stop routing ``name``; a layer left with no adapter gets its plain module back."""
+        for path in list(self.layers):
+            routed = self.layers[path]
+            routed.deltas.pop(name, None)
+            if not routed.deltas:
+                self._unwrap(path)
+        self.adapters.discard(name)
+        self.routing.clear()
+
+    def cached_bytes(self) -> int:
+        return sum(d.cached_bytes for layer in self.layers.values() for d in layer.deltas.values())
+
+    def _wrap(self, path: str) -> RoutedLayer:
+        parent_path, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        routed = RoutedLayer(getattr(parent, child), self.routing)
+        setattr(parent, child, routed)
+        self.layers[path] = routed
+        return routed
+
+    def _unwrap(self, path: str) -> None:
+        parent_path, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        setattr(parent, child, self.layers.pop(path).base_layer)
+
+    def assign(self, names: Sequence[str]) -> None:
+        self.routing.assign(names, self.device)

@@ -1,0 +1,205 @@
+"""Per-row adapter routing (server/engine/routing.py): many adapters and base rows, one forward.
+
+On the demo model plus random extra adapters (two more LoRA, a LoKr and an IA3), built once:
+
+* the routed tree alone: rows of four LoRA adapters and base rows interleaved (and contiguous,
+  and all of one adapter) in one forward give each row the logits of its solo forward;
+* the engine: concurrent requests on every adapter and on base, interleaved, return the tokens
+  of a solo ``PeftModel.generate``, and the rows of routed adapters shared their forwards;
+* what cannot be routed (IA3 here) is refused by ``RoutedTree.why_not`` and served alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from peft import IA3Config, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peftserve.server.engine import Engine
+from peftserve.server.engine.registry import share_weights_copy
+from peftserve.server.engine.routing import BASE_ROW_MARKER, RoutedTree
+from peftserve.server.engine.types import GenerationParams, GenerationRequest
+from transformers import AutoModelForCausalLM
+
+from .conftest import DEMO, ModelFiles, Reference, engine_config
+
+LORA = ("upper", "reverse", "lora3", "lora4")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _extra_configs() -> dict[str, Any]:
+    return {
+        "lora3": LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
+        # Another rank and a subset of modules: layers the other adapters do not all target.
+        "lora4": LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False
+        ),
+        "kron": LoKrConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False),
+        "scale": IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            init_ia3_weights=False,
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    if not (DEMO / "base" / "config.json").is_file():
+        pytest.skip("models/demo is not present")
+    adapters = tmp_path_factory.mktemp("routing") / "adapters"
+    for name in ("upper", "reverse", "title"):
+        shutil.copytree(DEMO / "adapters" / name, adapters / name)
+    base = AutoModelForCausalLM.from_pretrained(DEMO / "base", dtype=torch.float32).eval()
+    for index, (name, config) in enumerate(_extra_configs().items()):
+        torch.manual_seed(500 + index)
+        model = get_peft_model(copy.deepcopy(base), config)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "ia3_l" in param_name:
+                    param.copy_(1.0 + 0.5 * torch.randn_like(param))
+                elif "lokr" in param_name:
+                    param.copy_(0.3 * torch.randn_like(param))
+        model.save_pretrained(str(adapters / name))
+    return ModelFiles(DEMO / "base", adapters, demo=True)
+
+
+@dataclass
+class Trees:
+    base: Any
+    tree: RoutedTree
+    solo: dict[str, Any]  # adapter -> a PeftModel holding only it
+
+
+@pytest.fixture(scope="module")
+def trees(files: ModelFiles) -> Trees:
+    base = AutoModelForCausalLM.from_pretrained(files.base, dtype=torch.float32).eval()
+    tree = RoutedTree(share_weights_copy(base))
+    solo: dict[str, Any] = {}
+    # The LoRA adapters live in one PeftModel, as in a type group.
+    group: Any = None
+    for name in LORA:
+        if group is None:
+            group = PeftModel.from_pretrained(
+                share_weights_copy(base), files.adapters / name, adapter_name=name
+            )
+        else:
+            group.load_adapter(str(files.adapters / name), adapter_name=name)
+        solo[name] = PeftModel.from_pretrained(
+            share_weights_copy(base), files.adapters / name
+        ).eval()
+    group.eval()
+    for name in LORA:
+        assert RoutedTree.why_not(group, name) == ""
+        tree.add(group, name)
+    return Trees(base, tree, solo)
+
+
+def _solo_logits(trees: Trees, name: str, ids: torch.Tensor) -> torch.Tensor:
+    model = trees.base if name == BASE_ROW_MARKER else trees.solo[name]
+    return model(input_ids=ids).logits[0]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(
+            [
+                "upper",
+                BASE_ROW_MARKER,
+                "reverse",
+                "lora3",
+                "upper",
+                "lora4",
+                BASE_ROW_MARKER,
+                "lora3",
+                "reverse",
+                "lora4",
+            ],
+            id="interleaved",
+        ),
+        pytest.param(
+            ["upper", "upper", "reverse", "reverse", BASE_ROW_MARKER, "lora3", "lora4"],
+            id="contiguous",
+        ),
+        pytest.param(["lora4"] * 3, id="one-adapter"),
+    ],
+)
+def test_each_routed_row_gets_its_solo_logits(trees: Trees, names: list[str]) -> None:
+    torch.manual_seed(7)
+    ids = torch.randint(3, 250, (len(names), 6))
+    with torch.inference_mode():
+        trees.tree.assign(names)
+        routed = trees.tree.model(input_ids=ids).logits
+        for i, name in enumerate(names):
+            expected = _solo_logits(trees, name, ids[i : i + 1])
+            torch.testing.assert_close(routed[i], expected, rtol=0, atol=1e-5, msg=name)
+        # Every adapter changes its rows: a routing mix-up could not pass unseen.
+        for name in set(names) - {BASE_ROW_MARKER}:
+            i = names.index(name)
+            base = _solo_logits(trees, BASE_ROW_MARKER, ids[i : i + 1])
+            assert not torch.allclose(routed[i], base), name
+
+
+def test_ia3_is_not_routable_and_a_removed_adapter_unwraps(files: ModelFiles) -> None:
+    base = AutoModelForCausalLM.from_pretrained(files.base, dtype=torch.float32).eval()
+    ia3 = PeftModel.from_pretrained(share_weights_copy(base), files.adapters / "scale").eval()
+    assert "has no routing" in RoutedTree.why_not(ia3, "default")
+    lora = PeftModel.from_pretrained(share_weights_copy(base), files.adapters / "lora4").eval()
+    tree = RoutedTree(share_weights_copy(base))
+    tree.add(lora, "default")
+    assert len(tree.layers) == 2 * 4  # q_proj and down_proj of each of the 4 decoder layers
+    tree.remove("default")
+    assert not tree.layers and not tree.adapters
+    assert {type(m) for m in tree.model.modules()} == {type(m) for m in base.modules()}
+
+
+@pytest.fixture(scope="module")
+def engine(files: ModelFiles) -> Iterator[Engine]:
+    # A long wait: the concurrent requests start as one batch.
+    eng = Engine(engine_config(files, max_wait_ms=300.0))
+    with asyncio.Runner() as runner:
+        runner.run(eng.start())
+        eng.runner = runner  # type: ignore[attr-defined]
+        yield eng
+        runner.run(eng.stop())
+
+
+def test_interleaved_requests_of_many_adapters_equal_solo_and_share_forwards(
+    engine: Engine, files: ModelFiles
+) -> None:
+    infos = {a.name: a for a in engine.adapters()}
+    routed = sorted(n for n, a in infos.items() if a.mixed_batching)
+    assert set(LORA) <= set(routed)
+    assert not infos["scale"].mixed_batching
+    order = ["upper", "", "reverse", "lora3", "title", "upper", "lora4", "", "kron", "scale"]
+    order += ["lora3", "reverse", "", "lora4"]
+    requests = [
+        GenerationRequest(
+            f"routed-{i}",
+            token_ids=tuple(10 + (i * 7 + j * 11) % 200 for j in range(2 + i % 5)),
+            adapter=adapter,
+            parameters=GenerationParams(max_new_tokens=6, min_new_tokens=6, do_sample=False),
+        )
+        for i, adapter in enumerate(order)
+    ]
+
+    async def run() -> list[Any]:
+        handles = [engine.submit(r) for r in requests]
+        return list(await asyncio.gather(*(h.result() for h in handles)))
+
+    results = engine.runner.run(run())  # type: ignore[attr-defined]
+    reference = Reference(files)
+    for request, result in zip(requests, results, strict=True):
+        expected = reference.generate(
+            request.adapter, list(request.token_ids or ()), max_new_tokens=6, min_new_tokens=6
+        )
+        assert list(result.sequences[0].token_ids) == expected[0], request.adapter or "base"
+    shared = [r for r, q in zip(results, requests, strict=True) if q.adapter in {"", *routed}]
+    assert {r.batch_size for r in shared} == {len(shared)}, "routed rows must share forwards"
