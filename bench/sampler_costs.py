@@ -11,14 +11,22 @@ benchmark and clients use:
 
 Rows have a prompt of ``--prompt`` tokens and get one more token per timed step (so the
 repetition penalty's seen tokens grow as in decoding). Medians of ``--repeats`` steps.
-Usage: ``python bench/sampler_costs.py [--rows 64] [--vocab 0] [--repeats 200] [--threads 1]``
-(``--vocab 0``: the demo model's vocabulary; larger values time the same processors on a
-vocabulary of that size).
+
+``--engine``: then, the whole engine (in process, demo base model, ``--rows`` concurrent
+requests of 32 tokens each, ``min_new_tokens = max_new_tokens``) with the sampler's batched
+processors and with every row sent down the per-row path (its fallback for lists it cannot
+batch), alternated three times each: the median time of a full decode step (``StepStats``
+of steps where every row decodes) and the wall time of all requests.
+
+Usage: ``python bench/sampler_costs.py [--rows 64] [--vocab 0] [--repeats 200] [--threads 1]
+[--engine]`` (``--vocab 0``: the demo model's vocabulary; larger values time the same
+processors on a vocabulary of that size).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import statistics
 import time
@@ -27,8 +35,12 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import torch
+from peftserve.server.engine import Engine, processors, sampler
+from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.rows import Row, RowFactory
 from peftserve.server.engine.sampler import Sampler
+from peftserve.server.engine.stats import StepStats
+from peftserve.server.engine.types import GenerationParams, GenerationRequest
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +135,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", action="store_true", help="also the engine A/B")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base: Any = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).eval()
@@ -151,6 +164,71 @@ def main() -> None:
             f"| {name} | {before:.3f} ms | {after:.3f} ms | {before / after:.1f}x "
             f"| {'yes' if same else 'NO'} |"
         )
+    if args.engine:
+        engine_ab(args.model_path, args.rows)
+
+
+def _per_row_plan(row: Row) -> processors.RowPlan:
+    return processors.RowPlan(len(row.processors), None)  # the sampler's per-row path
+
+
+def engine_ab(model_path: Path, rows: int) -> None:
+    """Decode steps of the engine with batched processors and with per-row processors."""
+    print(f"\nengine, {rows} concurrent requests of 32 tokens, min_new_tokens = max_new_tokens\n")
+    print("| config | processors | decode step (median) | wall time |")
+    print("|---|---|---|---|")
+    engine = Engine(
+        EngineConfig(
+            model_path=model_path, max_batch_size=rows, max_batch_tokens=1 << 20, max_wait_ms=50
+        )
+    )
+    steps: list[StepStats] = []
+    engine.add_step_listener(steps.append)
+    configs = {
+        "min_new": GenerationParams(max_new_tokens=32, min_new_tokens=32),
+        "penalties": GenerationParams(
+            max_new_tokens=32, min_new_tokens=32, repetition_penalty=1.3, bad_words=("q",)
+        ),
+    }
+
+    async def run(params: GenerationParams) -> float:
+        requests = [
+            GenerationRequest(f"r{i}", text="the quick brown fox"[: 4 + i % 15], parameters=params)
+            for i in range(rows)
+        ]
+        started = time.perf_counter()
+        handles = [engine.submit(r) for r in requests]
+        await asyncio.gather(*(h.result() for h in handles))
+        return time.perf_counter() - started
+
+    async def body() -> None:
+        await engine.start()
+        try:
+            for name, params in configs.items():
+                seen: dict[str, tuple[list[float], list[float]]] = {
+                    "per row": ([], []),
+                    "batched": ([], []),
+                }
+                for _ in range(3):
+                    for mode in seen:
+                        sampler.row_plan = (  # type: ignore[assignment]
+                            _per_row_plan if mode == "per row" else processors.row_plan
+                        )
+                        steps.clear()
+                        wall = await run(params)
+                        full = [s.seconds for s in steps if s.decode_tokens == rows]
+                        seen[mode][0].append(statistics.median(full) * 1000.0)
+                        seen[mode][1].append(wall)
+                for mode, (step_ms, walls) in seen.items():
+                    print(
+                        f"| {name} | {mode} | {statistics.median(step_ms):.2f} ms "
+                        f"| {statistics.median(walls):.2f} s |"
+                    )
+        finally:
+            sampler.row_plan = processors.row_plan
+            await engine.stop()
+
+    asyncio.run(body())
 
 
 if __name__ == "__main__":

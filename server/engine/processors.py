@@ -231,61 +231,100 @@ class SeenTokens:
         return slot
 
 
+@dataclass
+class _Group:
+    """One operation of a step: a step key and the rows (positions in the block) it runs on."""
+
+    mode: str
+    key: tuple[Any, ...]
+    members: list[int]
+    steps: list[Step]
+    index: torch.Tensor | None = None  # the members as a tensor; None: every row, in order
+    # min tokens: a row is below its minimum while its length (prompt + new) < this.
+    thresholds: list[int] | None = None
+
+
 class BatchedProcessors:
-    """Applies the processors of many rows to one ``(rows, vocab)`` block of scores."""
+    """Applies the processors of many rows to one ``(rows, vocab)`` block of scores.
+
+    The grouping (which rows share which operation, their index tensors) depends only on
+    the rows' plans and places, so it is kept from one step to the next while the batch
+    stays the same; only a join or a leave makes a new one."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seen = SeenTokens(device)
         self._biases: dict[tuple[Any, ...], torch.Tensor] = {}
         self._eos: dict[tuple[int, ...], torch.Tensor] = {}
+        # The last layout and what it was made for (the plans held: their ids stay unique).
+        self._layout: list[_Group] = []
+        self._layout_for: tuple[tuple[int, ...], int, tuple[RowPlan, ...]] = ((), 0, ())
 
     def apply(self, scores: torch.Tensor, rows: Sequence[Row], members: Sequence[int]) -> None:
         """Run the processors of ``rows[i]`` for every ``i`` in ``members`` (ascending) on
         ``scores[i]``, in place. Every member has a plan with steps (``row_plan``)."""
-        by_rank: dict[int, dict[tuple[Any, ...], list[tuple[int, Step]]]] = {}
-        for i in members:
-            for step in row_plan(rows[i]).steps or ():
-                by_rank.setdefault(step.rank, {}).setdefault(step.key, []).append((i, step))
+        plans = tuple(row_plan(rows[i]) for i in members)
+        places, n, held = self._layout_for
+        same = n == scores.shape[0] and places == tuple(members)
+        if not (same and all(a is b for a, b in zip(plans, held, strict=True))):
+            self._layout = self._groups(members, plans, scores.shape[0])
+            self._layout_for = (tuple(members), scores.shape[0], plans)
         histories: dict[int, torch.Tensor] = {}
+        for group in self._layout:
+            self._run(scores, rows, group, histories)
+
+    def _groups(self, members: Sequence[int], plans: Sequence[RowPlan], n: int) -> list[_Group]:
+        by_rank: dict[int, dict[tuple[Any, ...], _Group]] = {}
+        for i, row_plan_ in zip(members, plans, strict=True):
+            for step in row_plan_.steps or ():
+                keyed = by_rank.setdefault(step.rank, {})
+                group = keyed.get(step.key)
+                if group is None:
+                    group = keyed[step.key] = _Group(step.mode, step.key, [], [])
+                group.members.append(i)
+                group.steps.append(step)
+        out = []
         for rank in sorted(by_rank):
-            for key, group in by_rank[rank].items():
-                self._run(scores, rows, group, key, histories)
+            for group in by_rank[rank].values():
+                if group.mode in (_MIN_NEW, _MIN_LENGTH):
+                    group.thresholds = [_threshold(step) for step in group.steps]
+                elif len(group.members) != n:  # else: every row, in order
+                    group.index = torch.tensor(group.members, device=self.device)
+                out.append(group)
+        return out
 
     def _run(
         self,
         scores: torch.Tensor,
         rows: Sequence[Row],
-        group: list[tuple[int, Step]],
-        key: tuple[Any, ...],
+        group: _Group,
         histories: dict[int, torch.Tensor],
     ) -> None:
-        first = group[0][1]
-        mode = first.mode
+        mode, key, first = group.mode, group.key, group.steps[0]
         if mode == _ROW:
-            for i, step in group:
+            for i, step in zip(group.members, group.steps, strict=True):
                 if i not in histories:
                     histories[i] = rows[i].history(self.device)
                 scores[i : i + 1] = step.processor(histories[i], scores[i : i + 1].clone())
             return
-        if mode in (_MIN_NEW, _MIN_LENGTH):
-            below = [i for i, step in group if _below_minimum(rows[i], step)]
+        if group.thresholds is not None:  # min new tokens / min length
+            below = [
+                i
+                for i, limit in zip(group.members, group.thresholds, strict=True)
+                if rows[i].length < limit
+            ]
             if below:
                 eos = self._eos_ids(key[1], scores.shape[1])
                 if eos.numel():
                     at = torch.tensor(below, device=self.device).unsqueeze(1)
                     scores[at, eos] = -math.inf
             return
-        members = [i for i, _ in group]
-        # All rows, ascending: work on ``scores`` itself, no select and copy back.
-        index = (
-            None if len(members) == scores.shape[0] else torch.tensor(members, device=self.device)
-        )
+        index = group.index
         block = scores if index is None else scores.index_select(0, index)
         if mode == _WARP:
             out = first.processor(_NO_IDS, block)
         elif mode == _PENALTY:
-            slots = self.seen.slots([rows[i] for i in members], scores.shape[1])
+            slots = self.seen.slots([rows[i] for i in group.members], scores.shape[1])
             seen = self.seen.mask.index_select(0, slots)
             penalty = key[1]
             out = torch.where(seen, torch.where(block < 0, block * penalty, block / penalty), block)
@@ -325,8 +364,10 @@ class BatchedProcessors:
 _NO_IDS = torch.zeros((0, 0), dtype=torch.long)
 
 
-def _below_minimum(row: Row, step: Step) -> bool:
+def _threshold(step: Step) -> int:
+    """The length (prompt + new tokens, ``input_ids.shape[-1]``) a row must reach before
+    its min-tokens processor stops masking EOS."""
     p = step.processor
     if step.mode == _MIN_NEW:
-        return bool(row.length - p.prompt_length_to_skip < p.min_new_tokens)
-    return bool(row.length < p.min_length)
+        return int(p.prompt_length_to_skip + p.min_new_tokens)
+    return int(p.min_length)

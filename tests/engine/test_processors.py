@@ -204,3 +204,24 @@ class _Boost:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores.index_add(1, torch.tensor([5]), torch.full((scores.shape[0], 1), 9.0))
+
+
+def test_a_row_whose_processors_change_mid_flight_is_planned_again() -> None:
+    """The grouping is kept while the batch stays the same; a row whose list grows (an extra
+    processor) is planned again and runs alone from then on, the others stay exact."""
+    rng = random.Random(13)
+    vocab = 200
+    rows = _rows(rng, _base(vocab), vocab, 12)
+    sampler = Sampler(CPU, str)
+    gen = torch.Generator().manual_seed(13)
+    grown = next(i for i, r in enumerate(rows) if row_plan(r).steps and not r.samples)
+    for step in range(5):
+        if step == 2:
+            rows[grown].processors.append(_Boost())
+        logits = _logits(gen, len(rows), vocab)
+        got = sampler.choose(logits, rows).token_ids
+        want = int(_alone(rows[grown], logits[grown]).argmax())
+        assert got[grown] == want
+        assert (row_plan(rows[grown]).steps is None) == (step >= 2)
+        for row, token in zip(rows, got, strict=True):
+            row.tokens.append(token)
