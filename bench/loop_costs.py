@@ -5,32 +5,48 @@ demo model (or ``--model-path``), on the base model, greedy, CPU unless CUDA is 
 
 * step: one decode forward of a sub-batch of N rows at width W plus the sampler's choice;
 * join: a request entering a running sub-batch = its prefill forward (prompt of P tokens)
-  plus ``SubBatch.merge`` (left-pad and concatenate the caches and masks);
-* leave: ``SubBatch.filter`` dropping one row (select rows, trim all-padding columns);
-* memory: the cache's key/value bytes per cached token.
+  plus ``SubBatch.merge`` into a sub-batch that has a free row slot (a row left before);
+* join x4: four such requests merged in one ``SubBatch.merge`` (all joiners of a step);
+* leave: ``SubBatch.filter`` dropping the first row (its slot filled, all-padding columns
+  trimmed);
+* memory: the cache's key/value bytes per cached token, live and allocated.
 
-Medians of ``--repeats`` runs. Usage: ``python bench/loop_costs.py [--rows 1,8,32]
-[--width 64] [--prompt 32] [--repeats 30] [--threads 1]``.
+With ``--clients C`` it also runs the whole loop in process: the engine on the demo model and
+adapters, C closed-loop clients each sending greedy requests of 16-48 new tokens (exactly that
+many: ``min_new_tokens``) on the base model and the LoRA adapters until ``--loop-requests``
+are done; tokens/s per cache kind, the kinds alternating ``--loop-rounds`` times.
+
+Each cell is measured for each ``--caches`` kind, alternating in one run: ``slot`` is the
+engine's cache (``kv_cache.new_cache``: slot layers written in place), ``dynamic`` is
+transformers' plain ``DynamicCache`` (``torch.cat`` every step, a copy of the whole sub-batch
+on a join or leave), what the loop used before. Medians of ``--repeats`` runs. Usage:
+``python bench/loop_costs.py [--rows 1,8,32] [--width 64] [--prompt 32] [--repeats 30]
+[--threads 1] [--caches slot,dynamic] [--clients 64 --loop-requests 256 --loop-rounds 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import copy
+import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-from peftserve.server.engine import kv_cache
+from peftserve.server.engine import Engine, kv_cache
+from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.registry import AdapterRegistry
 from peftserve.server.engine.running import SubBatch, SubBatchKey
 from peftserve.server.engine.sampler import Sampler
 from peftserve.server.engine.step import ModelStep, prefill_inputs
-from transformers import AutoModelForCausalLM
+from peftserve.server.engine.types import GenerationParams, GenerationRequest
+from transformers import AutoModelForCausalLM, DynamicCache
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = SubBatchKey("base", None)
@@ -56,13 +72,21 @@ def _median_ms(
     return statistics.median(times)
 
 
-def _sub_batch(step: ModelStep, sampler: Sampler, rows: int, width: int, vocab: int) -> SubBatch:
+def _new_cache(kind: str, step: ModelStep) -> DynamicCache:
+    if kind == "slot":
+        return kv_cache.new_cache(step.model_config)
+    return DynamicCache(config=step.model_config.get_text_config(decoder=True))
+
+
+def _sub_batch(
+    step: ModelStep, sampler: Sampler, rows: int, width: int, vocab: int, kind: str
+) -> SubBatch:
     """A running sub-batch of ``rows`` rows whose prompts are 1..width tokens (real padding)."""
     gen = torch.Generator().manual_seed(rows * 1000 + width)
     lengths = [max(1, width - (i * 7) % max(1, width // 2)) for i in range(rows)]
     prompts = [tuple(torch.randint(3, vocab, (n,), generator=gen).tolist()) for n in lengths]
     ids, mask, positions, pads = prefill_inputs(prompts, 0, step.device)
-    cache = kv_cache.new_cache(step.model_config)
+    cache = _new_cache(kind, step)
     members = [_row() for _ in prompts]
     logits = step.forward(KEY, members, ids, mask, positions, cache)  # type: ignore[arg-type]
     batch = SubBatch(
@@ -77,6 +101,122 @@ def _sub_batch(step: ModelStep, sampler: Sampler, rows: int, width: int, vocab: 
     return batch
 
 
+def _with_free_slot(batch: SubBatch) -> SubBatch:
+    """A copy of ``batch`` with one more row, which then leaves: a slot is free for a join."""
+    copied = copy.deepcopy(batch)
+    copied.merge([copy.deepcopy(_one_row(batch))])
+    copied.filter(list(range(len(copied) - 1)))
+    return copied
+
+
+def _one_row(batch: SubBatch) -> SubBatch:
+    one = copy.deepcopy(batch)
+    one.filter([0])
+    return one
+
+
+def _cells(
+    step: ModelStep, sampler: Sampler, args: argparse.Namespace, vocab: int, rows: int, kind: str
+) -> str:
+    batch = _sub_batch(step, sampler, rows, args.width, vocab, kind)
+    members = batch.rows
+
+    def decode(_: object, b: SubBatch = batch, m: list[Any] = members) -> None:
+        ids, mask, positions = b.decode_inputs()
+        logits = step.forward(KEY, m, ids, mask, positions, b.cache)
+        b.advance()
+        b.next_tokens = sampler.choose(logits, m).tokens
+
+    decode(None)  # warm-up
+    step_ms = _median_ms(decode, args.repeats)
+    joiners = [_sub_batch(step, sampler, 1, args.prompt - i, vocab, kind) for i in range(4)]
+    prefill_ms = _median_ms(
+        lambda _: _sub_batch(step, sampler, 1, args.prompt, vocab, kind), args.repeats
+    )
+    merge_ms = _median_ms(
+        lambda p: p[0].merge(p[1]),
+        args.repeats,
+        lambda: (_with_free_slot(batch), [copy.deepcopy(joiners[0])]),
+    )
+    merge4_ms = _median_ms(
+        lambda p: p[0].merge(p[1]),
+        args.repeats,
+        lambda: (_with_free_slot(batch), copy.deepcopy(joiners)),
+    )
+    leave_ms = _median_ms(
+        lambda b: b.filter(list(range(1, len(b)))),
+        args.repeats,
+        lambda: copy.deepcopy(batch),
+    )
+    tokens = len(batch) * batch.width
+    per_token = kv_cache.nbytes(batch.cache) / tokens
+    allocated = kv_cache.capacity_nbytes(batch.cache) / tokens
+    return (
+        f"| {rows} | {kind} | {step_ms:.2f} ms | {prefill_ms:.2f} ms | {merge_ms:.3f} ms "
+        f"| {merge4_ms:.3f} ms | {leave_ms:.3f} ms | {per_token:.0f} / {allocated:.0f} |"
+    )
+
+
+@contextlib.contextmanager
+def _engine_cache(kind: str) -> Iterator[None]:
+    """The engine's sub-batches get caches of ``kind`` while this is open."""
+    original = kv_cache.new_cache
+    if kind == "dynamic":
+        kv_cache.new_cache = lambda config: DynamicCache(  # type: ignore[assignment]
+            config=config.get_text_config(decoder=True)
+        )
+    try:
+        yield
+    finally:
+        kv_cache.new_cache = original  # type: ignore[assignment]
+
+
+def _loop_tokens_per_s(args: argparse.Namespace, kind: str) -> float:
+    """Tokens/s of ``args.clients`` closed-loop clients through a fresh in-process engine."""
+    adapters = args.model_path.parent / "adapters"
+    config = EngineConfig(
+        model_path=args.model_path,
+        adapters_dir=adapters if adapters.is_dir() else None,
+        max_batch_size=args.clients,
+        max_wait_ms=5.0,
+    )
+    engine = Engine(config)
+    names = ["", *sorted(a.name for a in engine.adapters() if a.mixed_batching)]
+    rng = random.Random(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "hello"]
+    work = [
+        GenerationRequest(
+            f"r{i}",
+            text=" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))),
+            adapter=rng.choice(names),
+            parameters=GenerationParams(
+                max_new_tokens=(n := rng.randint(16, 48)), min_new_tokens=n, do_sample=False
+            ),
+        )
+        for i in range(args.loop_requests)
+    ]
+
+    async def run() -> float:
+        await engine.start()
+        queue = list(reversed(work))
+        tokens = 0
+
+        async def client() -> None:
+            nonlocal tokens
+            while queue:
+                result = await engine.submit(queue.pop()).result()
+                tokens += len(result.sequences[0].token_ids)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(args.clients)))
+        elapsed = time.perf_counter() - started
+        await engine.stop()
+        return tokens / elapsed
+
+    with _engine_cache(kind):
+        return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=Path, default=REPO / "models" / "demo" / "base")
@@ -85,6 +225,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--caches", default="slot,dynamic")
+    parser.add_argument("--clients", type=int, default=0, help="also run the loop in process")
+    parser.add_argument("--loop-requests", type=int, default=256)
+    parser.add_argument("--loop-rounds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -93,41 +237,25 @@ def main() -> None:
     step = ModelStep(AdapterRegistry(base, None), device)
     sampler = Sampler(device, lambda t: str(t))
     vocab = int(base.config.get_text_config().vocab_size)
+    kinds = args.caches.split(",")
 
     print(f"model {args.model_path.name}, device {device}, threads {args.threads}")
     print(f"width {args.width} cached tokens per row, join prompt {args.prompt} tokens\n")
-    print("| rows | decode step | join: prefill | join: merge | leave: filter | KV bytes/token |")
-    print("|---|---|---|---|---|---|")
-    for rows in (int(r) for r in args.rows.split(",")):
-        batch = _sub_batch(step, sampler, rows, args.width, vocab)
-        members = batch.rows
-
-        def decode(_: object, b: SubBatch = batch, m: list[Any] = members) -> None:
-            ids, mask, positions = b.decode_inputs()
-            logits = step.forward(KEY, m, ids, mask, positions, b.cache)
-            b.advance()
-            b.next_tokens = sampler.choose(logits, m).tokens
-
-        decode(None)  # warm-up
-        step_ms = _median_ms(decode, args.repeats)
-        joiner = _sub_batch(step, sampler, 1, args.prompt, vocab)
-        prefill_ms = _median_ms(
-            lambda _: _sub_batch(step, sampler, 1, args.prompt, vocab), args.repeats
-        )
-        pair = (batch, joiner)
-        merge_ms = _median_ms(
-            lambda p: p[0].merge(p[1]), args.repeats, lambda p=pair: copy.deepcopy(p)
-        )
-        leave_ms = _median_ms(
-            lambda b: b.filter(list(range(1, len(b)))),
-            args.repeats,
-            lambda b=batch: copy.deepcopy(b),
-        )
-        per_token = kv_cache.nbytes(batch.cache) / (len(batch) * batch.width)
-        print(
-            f"| {rows} | {step_ms:.2f} ms | {prefill_ms:.2f} ms | {merge_ms:.3f} ms "
-            f"| {leave_ms:.3f} ms | {per_token:.0f} |"
-        )
+    print(
+        "| rows | cache | decode step | join: prefill | join: merge | join x4: one merge "
+        "| leave: filter | KV bytes/token live / allocated |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for rows in (int(r) for r in args.rows.split(",") if r):
+        for kind in kinds:
+            print(_cells(step, sampler, args, vocab, rows, kind), flush=True)
+    if args.clients:
+        print(f"\nthe loop in process: {args.clients} closed-loop clients, greedy, 16-48 tokens")
+        print("| round | " + " | ".join(f"{k} tokens/s" for k in kinds) + " |")
+        print("|---|" + "---|" * len(kinds))
+        for round_ in range(args.loop_rounds):
+            rates = [_loop_tokens_per_s(args, kind) for kind in kinds]
+            print(f"| {round_ + 1} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
 
 
 if __name__ == "__main__":

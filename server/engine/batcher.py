@@ -434,9 +434,8 @@ class Batcher:
                     self._job_finished,
                 )
             offset += n
-        for f, _ in forwards:
-            if f.new:
-                self._batch.add(f.batch)  # joins the running batch (merged where exact)
+        # Newly prefilled rows join the running batch (merged where exact, one merge per cohort).
+        self._batch.add([f.batch for f, _ in forwards if f.new])
         self._leave_and_move()
         flush_events(list(dict.fromkeys(row.job for row in rows)))
         seconds = time.monotonic() - started

@@ -1,12 +1,15 @@
 """The running batch: sub-batches of rows decoding together, each with its KV cache.
 
 A ``SubBatch`` is what one forward decodes: rows left-padded to a common width, their
-``DynamicCache``, the 2-D attention mask (1 = a real token), each row's next position and the
-token each row feeds next. Its verbs, TGI-style:
+``DynamicCache`` (with ``kv_cache.SlotLayer``s for full attention), the 2-D attention mask
+(1 = a real token), each row's next position and the token each row feeds next.
+Its verbs, TGI-style:
 
-* ``filter(keep)`` drops the rows that left (finished, cancelled, deadline passed, moved) and
-  the leading columns that are now padding in every row, so the memory is reused at once;
-* ``merge(other)`` appends another sub-batch's rows (left-padding both to a common width);
+* ``filter(keep)`` drops the rows that left (finished, cancelled, deadline passed, moved) at
+  once (their slots filled with rows from the end, so the kept rows may change order) and the
+  leading columns that are now padding in every row;
+* ``merge(others)`` appends the rows of every sub-batch joining it in this step, in one merge
+  (left-padding all to a common width);
 * ``decode_inputs()`` / ``advance()`` are one decode step's inputs and bookkeeping.
 
 Positions and masks follow ``generate`` exactly: a row's positions count its real tokens only
@@ -84,17 +87,30 @@ class SubBatch:
         self.positions = self.positions + 1
 
     def filter(self, keep: list[int]) -> None:
-        """Keep rows ``keep`` (indices, in order); trim columns that became all padding."""
+        """Keep rows ``keep`` (ascending indices); trim columns that became all padding.
+
+        The rows that left stop being computed at once; their slots are filled with kept rows
+        from the end (``kv_cache.leave_order``), so a leave copies at most one row per leaver
+        and the kept rows' order may change (``rows`` and every per-row tensor follow it).
+        """
         if len(keep) == len(self.rows):
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.pads = [self.pads[i] for i in keep]
-        kv_cache.select_rows(self.cache, index)
-        self.mask = self.mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
-        if self.next_tokens is not None:
-            self.next_tokens = self.next_tokens.index_select(0, index)
+        order, holes, movers = kv_cache.leave_order(keep)
+        kv_cache.drop_rows(self.cache, order, holes, movers)
+        self.rows = [self.rows[i] for i in order]
+        self.pads = [self.pads[i] for i in order]
+        if order != list(range(len(order))):
+            index = torch.tensor(order, dtype=torch.long, device=self.mask.device)
+            self.mask = self.mask.index_select(0, index)
+            self.positions = self.positions.index_select(0, index)
+            if self.next_tokens is not None:
+                self.next_tokens = self.next_tokens.index_select(0, index)
+        else:
+            n = len(order)
+            self.mask = self.mask[:n]
+            self.positions = self.positions[:n]
+            if self.next_tokens is not None:
+                self.next_tokens = self.next_tokens[:n]
         columns = min(self.pads, default=0)
         if columns and kv_cache.can_trim(self.cache, self.width):
             kv_cache.trim_left(self.cache, columns)
@@ -106,17 +122,27 @@ class SubBatch:
             self.cache, self.width, other.cache, other.width
         )
 
-    def merge(self, other: SubBatch) -> None:
-        """Append ``other``'s rows (``can_merge`` must hold); ``other`` is consumed."""
-        width = max(self.width, other.width)
-        kv_cache.merge(self.cache, self.width, other.cache, other.width)
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
-        grow_a, grow_b = width - self.width, width - other.width
-        self.pads = [p + grow_a for p in self.pads] + [p + grow_b for p in other.pads]
-        self.rows = self.rows + other.rows
-        self.positions = torch.cat([self.positions, other.positions])
-        assert self.next_tokens is not None and other.next_tokens is not None
-        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+    def merge(self, others: list[SubBatch]) -> None:
+        """Append the rows of ``others`` in order (``can_merge`` must hold for each); they are
+        consumed. One widening and one copy of the joiners' rows for all of them."""
+        if not others:
+            return
+        width = max([self.width] + [o.width for o in others])
+        kv_cache.merge(self.cache, self.width, [(o.cache, o.width) for o in others])
+        grow = width - self.width
+        pads = [p + grow for p in self.pads]
+        for other in others:
+            pads.extend(p + width - other.width for p in other.pads)
+        self.mask = torch.cat([_pad_left(b.mask, width) for b in [self, *others]])
+        self.pads = pads
+        self.rows = self.rows + [row for o in others for row in o.rows]
+        self.positions = torch.cat([self.positions] + [o.positions for o in others])
+        assert self.next_tokens is not None
+        tokens = [self.next_tokens]
+        for other in others:
+            assert other.next_tokens is not None
+            tokens.append(other.next_tokens)
+        self.next_tokens = torch.cat(tokens)
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -164,16 +190,23 @@ class RunningBatch:
     def rows(self) -> int:
         return sum(len(b) for b in self)
 
-    def add(self, batch: SubBatch) -> None:
-        """Merge ``batch`` into the first cohort of its key that can take it, else a new one."""
-        if not batch.rows:
-            return
-        cohorts = self.cohorts.setdefault(batch.key, [])
-        for cohort in cohorts:
-            if cohort.can_merge(batch):
-                cohort.merge(batch)
-                return
-        cohorts.append(batch)
+    def add(self, batches: list[SubBatch]) -> None:
+        """Merge each of ``batches`` into the first cohort of its key that can take it, else
+        it starts a new cohort; every cohort takes all its joiners of this step in one merge."""
+        joining: dict[int, tuple[SubBatch, list[SubBatch]]] = {}
+        for batch in batches:
+            if not batch.rows:
+                continue
+            cohorts = self.cohorts.setdefault(batch.key, [])
+            for cohort in cohorts:
+                # Pairwise checks suffice: the merged width is the widest pair's.
+                if cohort.can_merge(batch):
+                    joining.setdefault(id(cohort), (cohort, []))[1].append(batch)
+                    break
+            else:
+                cohorts.append(batch)
+        for cohort, joiners in joining.values():
+            cohort.merge(joiners)
 
     def drop_empty(self) -> None:
         for key in list(self.cohorts):
