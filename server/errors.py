@@ -7,6 +7,7 @@ retry may succeed. Unexpected exceptions become INTERNAL with no traceback sent.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,8 @@ def _pack(message: object) -> any_pb2.Any:
 
 def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
     """Build the rich status for a domain error."""
+    if isinstance(error, QueueFullError):
+        return _queue_full_status(error, request_id)
     code = status_code_for(error)
     metadata = {"request_id": clip(request_id, 128)} if request_id else {}
     details: list[any_pb2.Any] = [
@@ -211,25 +214,50 @@ def to_grpc_status(error: PeftServeError, request_id: str = "") -> grpc.Status:
                 )
             )
         )
-    elif isinstance(error, QueueFullError):
-        retry_delay = duration_pb2.Duration()
-        retry_delay.FromMilliseconds(max(1, int(error.retry_after_s * 1000)))
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=retry_delay)))
-    status = rpc_status.to_status(
+    return rpc_status.to_status(
         status_pb2.Status(
             code=code.value[0], message=clip(error.message, MAX_MESSAGE_BYTES), details=details
         )
     )
-    if isinstance(error, QueueFullError):
-        # gRPC's built-in retry ignores RetryInfo but honours this trailer, so clients with a
-        # retry policy back off as long as the server asks.
-        pushback_ms = str(max(1, int(error.retry_after_s * 1000)))
-        return _WithTrailers(
-            status.code,
-            status.details,
-            (*status.trailing_metadata, ("grpc-retry-pushback-ms", pushback_ms)),
-        )
-    return status
+
+
+def _queue_full_status(error: QueueFullError, request_id: str) -> grpc.Status:
+    """``to_grpc_status`` for QUEUE_FULL, the one built for every call of a flood: the same
+    bytes, spliced from parts built once per message and retry hint.
+
+    A serialized message is its fields in field order, and repeated fields may come in
+    several pieces, so ``Status(code, message) + Status(details=[ErrorInfo]) +
+    Status(details=[RetryInfo])`` is exactly ``Status(code, message, details=[both])``
+    serialized (``tests/server/test_errors.py`` compares them).
+    """
+    pushback_ms = max(1, int(error.retry_after_s * 1000))
+    message = clip(error.message, MAX_MESSAGE_BYTES)
+    head, retry_tail = _queue_full_parts(message, pushback_ms)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason,
+        domain=ERROR_DOMAIN,
+        metadata={"request_id": clip(request_id, 128)} if request_id else None,
+    )
+    middle = status_pb2.Status(details=[_pack(info)]).SerializeToString()
+    return _WithTrailers(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message,
+        (
+            (rpc_status.GRPC_DETAILS_METADATA_KEY, head + middle + retry_tail),
+            # gRPC's built-in retry ignores RetryInfo but honours this trailer, so clients
+            # with a retry policy back off as long as the server asks.
+            ("grpc-retry-pushback-ms", str(pushback_ms)),
+        ),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _queue_full_parts(message: str, pushback_ms: int) -> tuple[bytes, bytes]:
+    head = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)
+    retry_delay = duration_pb2.Duration()
+    retry_delay.FromMilliseconds(pushback_ms)
+    tail = status_pb2.Status(details=[_pack(error_details_pb2.RetryInfo(retry_delay=retry_delay))])
+    return head.SerializeToString(), tail.SerializeToString()
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,13 @@ from google.protobuf.message import DecodeError
 
 from .engine.errors import PeftServeError
 from .errors import MalformedMessageError, internal_status, status_code_for, to_grpc_status
+from .logs import RateLimit
 
 logger = logging.getLogger("peftserve.requests")
+# A flood beyond the queue must not become a flood of log lines (nor cost the event loop a
+# formatted line per refusal): at most this many QUEUE_FULL request lines a second; the next
+# line written says how many were held back. The metrics count every one.
+OVERLOAD_LINES = RateLimit(burst=20, interval_s=1.0)
 
 
 @dataclass
@@ -63,6 +68,14 @@ def record() -> RequestRecord:
 
 
 def _log(entry: RequestRecord, status: str, started: float) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if entry.extra.get("reason") == "QUEUE_FULL":
+        suppressed = OVERLOAD_LINES.allow()
+        if suppressed is None:
+            return
+        if suppressed:
+            entry.extra["suppressed"] = suppressed
     logger.info(
         "request",
         extra={
@@ -114,6 +127,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         self._prefix = service_prefix
         self._observer = observer
         self._stall_timeout_s = stream_stall_timeout_s
+        # method -> (the handler grpc resolved, our wrapper of it): grpc resolves the same
+        # handler object for every call of a method, so the wrapper is built once, not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -122,6 +138,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        if handler is not None:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler is None or not method.startswith(self._prefix):
             return handler
         short_name = method.rsplit("/", 1)[-1]

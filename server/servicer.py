@@ -17,7 +17,7 @@ from peftserve.v1 import generation_pb2_grpc as pb_grpc
 
 from . import convert
 from .engine.engine import Engine, RequestHandle
-from .engine.errors import DeadlineExceededError
+from .engine.errors import DeadlineExceededError, PeftServeError
 from .engine.types import GenerationRequest, GenerationResult
 from .interceptor import record
 
@@ -28,6 +28,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, engine: Callable[[], Engine]) -> None:
         # A callable, not an engine: it raises EngineUnavailableError while loading/draining.
         self._engine = engine
+
+    def _check_queue(self, message: pb.GenerateRequest) -> None:
+        """A generation call's first step: refuse it at once when nothing could be admitted
+        now (queue full, engine not accepting), before it is converted or validated, so a
+        flood costs as little as a refusal can. The record gets the request id the full path
+        would have given it (the caller's, or a new one), for the status and the log line."""
+        try:
+            self._engine().check_queue()
+        except PeftServeError:
+            entry = record()
+            entry.request_id = message.request_id or convert.new_request_id()
+            entry.adapter = message.adapter
+            raise
 
     def _request(
         self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -58,6 +71,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(  # noqa: N802 - gRPC method names are the contract's
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
+        self._check_queue(request)
         engine_request = self._request(request, context)
         engine = self._engine()
         await engine.await_adapter(engine_request.adapter, engine_request.deadline)
@@ -71,6 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         started = time.perf_counter()
+        self._check_queue(request)
         entry = record()
         engine_request = self._request(request, context)
         engine = self._engine()

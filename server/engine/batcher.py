@@ -181,6 +181,11 @@ class Batcher:
         with self._cond:
             self._check_admission_locked(reserved)
 
+    def check_queue(self, reserved: int = 0) -> None:
+        """``check_admission`` without the lock: a racy read of the queue's length, for the
+        servicer's first look at a call (``admit`` decides for real, under the lock)."""
+        self._check_admission_locked(reserved)
+
     def _check_admission_locked(self, reserved: int) -> None:
         if not self._admitting:
             raise EngineUnavailableError(

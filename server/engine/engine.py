@@ -381,6 +381,14 @@ class Engine:
         check_bounds(request, self._info.limits)
         self._batcher.check_admission(reserved)
 
+    def check_queue(self) -> None:
+        """Raise at once if no request could be admitted now (not running, queue full, the
+        requests being prepared counted), before anything of a request is read: under a
+        flood most calls end here, so this is the cheapest refusal there is."""
+        if self._loop is None or self._closed:
+            raise EngineUnavailableError("the engine is not running")
+        self._batcher.check_queue(self._preparing)
+
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize and validate ``request`` (thread-safe; may take a while for long texts)."""
         return prepare(request, self._validation)
