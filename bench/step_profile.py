@@ -132,7 +132,7 @@ def print_fold(title: str, folded: dict[str, Any]) -> None:
         print(f"| {item['part']} | {item['percent']:.1f}% |")
 
 
-def _loop(mode: str, rows: int, seconds: float, width: int, model_path: Path) -> None:
+def _loop(mode: str, rows: int, seconds: float, width: int, model_path: Path, cache: str) -> None:
     """Decode (or prefill) steps for ``seconds``; what py-spy samples."""
     import torch
     from peftserve.server.engine.registry import AdapterRegistry
@@ -153,11 +153,11 @@ def _loop(mode: str, rows: int, seconds: float, width: int, model_path: Path) ->
     while time.monotonic() < end:
         if mode == "prefill":
             started = time.perf_counter()
-            _sub_batch(step, sampler, rows, width, vocab)
+            _sub_batch(step, sampler, rows, width, vocab, cache)
             spent += time.perf_counter() - started
             steps += 1
             continue
-        batch = _sub_batch(step, sampler, rows, width, vocab)  # widths width..2*width
+        batch = _sub_batch(step, sampler, rows, width, vocab, cache)  # widths width..2*width
         started = time.perf_counter()
         for _ in range(width):
             ids, mask, positions = batch.decode_inputs()
@@ -178,6 +178,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--width", type=int, default=64, help="decode: cached width at start")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument(
+        "--cache", default="slot", help="the loop's cache kind (bench/loop_costs.py): slot, dynamic"
+    )
     parser.add_argument("--model-path", type=Path, default=REPO / "models" / "demo" / "base")
     parser.add_argument("--loop", nargs=2, metavar=("MODE", "ROWS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,7 +188,9 @@ def main() -> None:
         print_fold(str(args.fold), fold(args.fold, args.thread))
         return
     if args.loop is not None:
-        _loop(args.loop[0], int(args.loop[1]), args.seconds, args.width, args.model_path)
+        _loop(
+            args.loop[0], int(args.loop[1]), args.seconds, args.width, args.model_path, args.cache
+        )
         return
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,8 +201,9 @@ def main() -> None:
                 command += ["--", sys.executable, "-m", "bench.step_profile", "--loop", mode]
                 command += [str(rows), "--seconds", str(args.seconds)]
                 command += ["--width", str(args.width), "--model-path", str(args.model_path)]
+                command += ["--cache", args.cache]
                 subprocess.run(command, check=True, cwd=REPO, stderr=subprocess.DEVNULL)
-                print_fold(f"{mode}, {rows} rows", fold(out))
+                print_fold(f"{mode}, {rows} rows, {args.cache} cache", fold(out))
 
 
 if __name__ == "__main__":
