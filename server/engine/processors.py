@@ -14,10 +14,9 @@ bit-identical to what its own processors produce alone (tested on random logits)
   are different blocks);
 * min-new-tokens / min-length: one indexed fill of ``-inf`` at the EOS ids of the rows below
   their minimum this step;
-* repetition penalty: ``where(seen, penalised, scores)`` with ``seen`` the rows' sets of
-  prompt and generated ids, kept incrementally in one ``(slots, vocab)`` tensor
-  (``SeenTokens``: each step folds in only the tokens a row got since), the same values the
-  processor's gather/scatter writes;
+* repetition penalty: the processor's gather, penalty and scatter over the rows' padded ids,
+  kept incrementally in one ``(slots, width)`` tensor (``SeenTokens``: each step writes only
+  the tokens a row got since);
 * bad words and sequence biases of single tokens: one addition of the processor's own bias
   vector (a shared one broadcast, different ones stacked).
 
@@ -116,8 +115,21 @@ class RowPlan:
     steps: tuple[Step, ...] | None
 
 
+# EOS tensors seen (RowFactory shares one among all requests) -> their ids: reading a device
+# tensor's ids is a host sync, once per tensor rather than once per row.
+_EOS_KEYS: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}
+
+
 def _eos_key(processor: Any) -> tuple[int, ...]:
-    return tuple(int(t) for t in torch.as_tensor(processor.eos_token_id).flatten().tolist())
+    eos = torch.as_tensor(processor.eos_token_id)
+    known = _EOS_KEYS.get(id(eos))
+    if known is not None and known[0] is eos:
+        return known[1]
+    if len(_EOS_KEYS) > 64:
+        _EOS_KEYS.clear()
+    key = tuple(int(t) for t in eos.flatten().tolist())
+    _EOS_KEYS[id(eos)] = (eos, key)
+    return key
 
 
 def _step(processor: Any) -> Step | None:
@@ -168,49 +180,80 @@ def row_plan(row: Row) -> RowPlan:
 
 
 class SeenTokens:
-    """Which ids each repetition-penalised row has seen (prompt and generated): one boolean
-    row per slot, updated incrementally. A row keeps its slot until it finishes; slots of
-    finished rows are reused when no free one is left, and the table doubles when all are
-    taken."""
+    """The ids each repetition-penalised row has seen (prompt and generated): one padded row
+    per slot of a ``(slots, width)`` tensor, appended to incrementally (each step writes only
+    the tokens a row got since). Padding repeats the row's first id: gathering and scattering
+    an id twice writes the same value twice, as the processor does for a repeated id. A row
+    keeps its slot until it finishes; slots of finished rows are reused when no free one is
+    left, and the table doubles when all are taken."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)
+        self._reset(-1)
+
+    def _reset(self, vocab: int) -> None:
+        self.ids = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self._vocab = vocab
+        self._filled: list[int] = []  # per slot: how many columns hold the row's ids
         self._owners: list[Row | None] = []
         self._free: list[int] = []
-        self._slots: dict[Row, tuple[int, int]] = {}  # row -> (slot, ids folded in so far)
+        self._slots: dict[Row, tuple[int, int]] = {}  # row -> (slot, row.length written)
 
-    def slots(self, rows: Sequence[Row], vocab: int) -> torch.Tensor:
-        """The slots of ``rows`` (a long tensor), every row's ids up to now folded in."""
-        if self.mask.shape[1] != vocab:
-            self.mask = torch.zeros((0, vocab), dtype=torch.bool, device=self.device)
-            self._owners, self._free, self._slots = [], [], {}
+    def slots(self, rows: Sequence[Row], vocab: int) -> tuple[torch.Tensor, int, bool]:
+        """The slots of ``rows`` (a long tensor) with every row's ids up to now written, the
+        most ids any of them has, and whether each has at least one (ids beyond the logits
+        are dropped, as the processor drops them)."""
+        if vocab != self._vocab:
+            self._reset(vocab)
         out: list[int] = []
-        cleared: list[int] = []
+        fill_at: list[int] = []
+        fill_id: list[int] = []
         at: list[int] = []
+        cols: list[int] = []
         ids: list[int] = []
+        width, complete = 0, True
         for row in rows:
             entry = self._slots.get(row)
             length = row.length
             if entry is None or entry[1] > length:
                 slot = entry[0] if entry is not None else self._take(row)
-                cleared.append(slot)
-                new = (*row.prompt, *row.tokens)
+                new = [t for t in (*row.prompt, *row.tokens) if 0 <= t < vocab]
+                filled = 0
             else:
-                slot, folded = entry
-                new = tuple(row.tokens[folded - len(row.prompt) :]) if folded < length else ()
+                slot, written = entry
+                filled = self._filled[slot]
+                start = written - len(row.prompt)
+                new = [t for t in row.tokens[start:] if 0 <= t < vocab] if written < length else []
+            if new and filled == 0:
+                fill_at.append(slot)  # the whole row: its first id, then its ids over it
+                fill_id.append(new[0])
+            for k, token in enumerate(new):
+                at.append(slot)
+                cols.append(filled + k)
+                ids.append(token)
+            filled += len(new)
+            self._filled[slot] = filled
             self._slots[row] = (slot, length)
+            width = max(width, filled)
+            complete = complete and filled > 0
             out.append(slot)
-            for token in new:
-                if 0 <= token < vocab:  # transformers drops ids beyond the logits
-                    at.append(slot)
-                    ids.append(token)
-        if cleared:
-            self.mask[torch.tensor(cleared, device=self.device)] = False
+        have = self.ids.shape[1]
+        if width > have:
+            grown = max(width, 2 * have, 64)
+            pad = (
+                self.ids[:, :1].expand(-1, grown - have)
+                if have
+                else self.ids.new_zeros((self.ids.shape[0], grown))
+            )
+            self.ids = torch.cat([self.ids, pad], dim=1)
+        if fill_at:
+            self.ids[torch.tensor(fill_at, device=self.device)] = torch.tensor(
+                fill_id, device=self.device
+            ).unsqueeze(1)
         if ids:
-            index = torch.tensor([at, ids], device=self.device)
-            self.mask[index[0], index[1]] = True
-        return torch.tensor(out, device=self.device)
+            index = torch.tensor([at, cols, ids], device=self.device)
+            self.ids[index[0], index[1]] = index[2]
+        return torch.tensor(out, device=self.device), width, complete
 
     def _take(self, row: Row) -> int:
         if not self._free:
@@ -222,12 +265,14 @@ class SeenTokens:
         if not self._free:
             size = len(self._owners)
             grown = max(8, 2 * size)
-            extra = torch.zeros((grown - size, self.mask.shape[1]), dtype=torch.bool)
-            self.mask = torch.cat([self.mask, extra.to(self.device)])
+            extra = self.ids.new_zeros((grown - size, self.ids.shape[1]))
+            self.ids = torch.cat([self.ids, extra])
             self._owners.extend([None] * (grown - size))
+            self._filled.extend([0] * (grown - size))
             self._free.extend(range(grown - 1, size - 1, -1))
         slot = self._free.pop()
         self._owners[slot] = row
+        self._filled[slot] = 0
         return slot
 
 
@@ -260,9 +305,12 @@ class BatchedProcessors:
         self._layout: list[_Group] = []
         self._layout_for: tuple[tuple[int, ...], int, tuple[RowPlan, ...]] = ((), 0, ())
 
-    def apply(self, scores: torch.Tensor, rows: Sequence[Row], members: Sequence[int]) -> None:
+    def apply(
+        self, scores: torch.Tensor, rows: Sequence[Row], members: Sequence[int]
+    ) -> torch.Tensor:
         """Run the processors of ``rows[i]`` for every ``i`` in ``members`` (ascending) on
-        ``scores[i]``, in place. Every member has a plan with steps (``row_plan``)."""
+        ``scores[i]``: in place, or in a new tensor returned (a warper over every row);
+        other rows keep their scores. Every member has a plan with steps (``row_plan``)."""
         plans = tuple(row_plan(rows[i]) for i in members)
         places, n, held = self._layout_for
         same = n == scores.shape[0] and places == tuple(members)
@@ -271,7 +319,8 @@ class BatchedProcessors:
             self._layout_for = (tuple(members), scores.shape[0], plans)
         histories: dict[int, torch.Tensor] = {}
         for group in self._layout:
-            self._run(scores, rows, group, histories)
+            scores = self._run(scores, rows, group, histories)
+        return scores
 
     def _groups(self, members: Sequence[int], plans: Sequence[RowPlan], n: int) -> list[_Group]:
         by_rank: dict[int, dict[tuple[Any, ...], _Group]] = {}
@@ -299,14 +348,14 @@ class BatchedProcessors:
         rows: Sequence[Row],
         group: _Group,
         histories: dict[int, torch.Tensor],
-    ) -> None:
+    ) -> torch.Tensor:
         mode, key, first = group.mode, group.key, group.steps[0]
         if mode == _ROW:
             for i, step in zip(group.members, group.steps, strict=True):
                 if i not in histories:
                     histories[i] = rows[i].history(self.device)
                 scores[i : i + 1] = step.processor(histories[i], scores[i : i + 1].clone())
-            return
+            return scores
         if group.thresholds is not None:  # min new tokens / min length
             below = [
                 i
@@ -318,22 +367,36 @@ class BatchedProcessors:
                 if eos.numel():
                     at = torch.tensor(below, device=self.device).unsqueeze(1)
                     scores[at, eos] = -math.inf
-            return
+            return scores
         index = group.index
-        block = scores if index is None else scores.index_select(0, index)
-        if mode == _WARP:
-            out = first.processor(_NO_IDS, block)
-        elif mode == _PENALTY:
-            slots = self.seen.slots([rows[i] for i in group.members], scores.shape[1])
-            seen = self.seen.mask.index_select(0, slots)
+        if mode == _PENALTY:
+            members = [rows[i] for i in group.members]
+            slots, width, complete = self.seen.slots(members, scores.shape[1])
+            if not complete:  # a row without an id to gather: the processor, row by row
+                for i, step in zip(group.members, group.steps, strict=True):
+                    ids = rows[i].history(self.device)
+                    scores[i : i + 1] = step.processor(ids, scores[i : i + 1].clone())
+                return scores
+            # The processor's own gather, penalty and scatter, over the rows' padded ids.
+            seen = self.seen.ids[:, :width].index_select(0, slots)
+            block = scores if index is None else scores.index_select(0, index)
+            score = block.gather(1, seen)
             penalty = key[1]
-            out = torch.where(seen, torch.where(block < 0, block * penalty, block / penalty), block)
-        else:  # _BIAS
-            out = block + self._bias(key, first.processor, scores)
+            score = torch.where(score < 0, score * penalty, score / penalty)
+            block.scatter_(1, seen, score)
+            if index is not None:
+                scores.index_copy_(0, index, block)
+            return scores
+        if mode == _BIAS:
+            bias = self._bias(key, first.processor, scores)
+            if index is None:
+                return scores.add_(bias)
+            return scores.index_copy_(0, index, scores.index_select(0, index).add_(bias))
+        # _WARP: the processor returns a new tensor; over every row, it becomes the scores.
         if index is None:
-            scores.copy_(out)
-        else:
-            scores.index_copy_(0, index, out)
+            out: torch.Tensor = first.processor(_NO_IDS, scores)
+            return out
+        return scores.index_copy_(0, index, first.processor(_NO_IDS, scores.index_select(0, index)))
 
     def _eos_ids(self, ids: tuple[int, ...], vocab: int) -> torch.Tensor:
         eos = self._eos.get(ids)

@@ -121,7 +121,7 @@ class Sampler:
         if (batched or alone) and scores is logits:
             scores = logits.clone()
         if batched:
-            self._processors.apply(scores, rows, batched)
+            scores = self._processors.apply(scores, rows, batched)
         for i in alone:
             ids = rows[i].history(self.device)
             # transformers annotates LongTensor/FloatTensor, which slicing never yields.

@@ -125,16 +125,18 @@ def test_batched_processors_equal_each_rows_own(seed: int) -> None:
 
 
 def test_subsets_of_rows_and_rows_that_leave_keep_their_own_history() -> None:
-    """Penalised rows come and go between steps (their seen-token slots are reused): each
-    step's rows still get their own logits."""
+    """Rows come and go between steps (their slots of seen ids are reused, the table grows,
+    a row's ids outgrow the table's width): each step's rows still get their own logits."""
     rng = random.Random(7)
     vocab = 120
     base = _base(vocab)
-    pool = _rows(rng, base, vocab, 40)
+    pool = _rows(rng, base, vocab, 30)
     batched = BatchedProcessors(CPU)
     gen = torch.Generator().manual_seed(7)
-    for _ in range(12):
-        rows = [r for r in pool if r.finish_reason is None and rng.random() < 0.6]
+    for step in range(40):
+        if step % 5 == 4:
+            pool += _rows(rng, base, vocab, 6)  # arrivals, into slots of rows that left
+        rows = [r for r in pool if r.finish_reason is None and rng.random() < 0.7]
         logits = _logits(gen, len(rows), vocab)
         members = [i for i, r in enumerate(rows) if row_plan(r).steps is not None]
         scores = logits.clone()
@@ -142,9 +144,12 @@ def test_subsets_of_rows_and_rows_that_leave_keep_their_own_history() -> None:
         for i in members:
             assert torch.equal(scores[i], _alone(rows[i], logits[i]))
         for row in rows:
-            row.tokens.append(rng.randrange(3, vocab))
+            row.tokens.extend(rng.randrange(3, vocab) for _ in range(rng.choice([1, 1, 9])))
             if rng.random() < 0.1:
                 row.finish_reason = cast(Any, "done")  # leaves; its slot may be reused
+    seen = batched.seen
+    assert seen.ids.shape[1] > 64, "a row's ids outgrew the first width"
+    assert len(seen._owners) < len(pool), "slots of rows that left were reused"
 
 
 def test_more_threads_and_a_large_vocabulary() -> None:
@@ -225,3 +230,36 @@ def test_a_row_whose_processors_change_mid_flight_is_planned_again() -> None:
         assert (row_plan(rows[grown]).steps is None) == (step >= 2)
         for row, token in zip(rows, got, strict=True):
             row.tokens.append(token)
+
+
+def test_repetition_penalty_drops_ids_beyond_the_logits_as_transformers_does() -> None:
+    """Ids the logits do not cover (a tokenizer larger than the head) are not penalised; a
+    row with no id within them is left as the processor leaves it."""
+    factory = RowFactory(_base(80), cast(Any, None), CPU, (EOS,))
+    config = GenerationConfig(eos_token_id=EOS, pad_token_id=0, repetition_penalty=1.7)
+    prompts = [(3, 55, 70, 4), (60, 79), (9, 9, 64)]  # the logits cover ids < 50
+    rows = []
+    for prompt in prompts:
+        job = SimpleNamespace(prepared=SimpleNamespace(generation_config=config, prompt_ids=prompt))
+        processors = LogitsProcessorList(factory.processors(cast(Any, job)))
+        rows.append(
+            Row(
+                cast(Any, None),
+                0,
+                prompt,
+                processors,
+                None,
+                8,
+                frozenset({EOS}),
+                cast(Any, None),
+                None,
+            )
+        )
+    batched = BatchedProcessors(CPU)
+    logits = _logits(torch.Generator().manual_seed(1), len(rows), 50)
+    for members in ([0, 2], [0, 1, 2]):
+        scores = logits.clone()
+        batched.apply(scores, rows, members)
+        for i in members:
+            assert torch.equal(scores[i], _alone(rows[i], logits[i]))
+        assert not torch.equal(scores[0], logits[0])
