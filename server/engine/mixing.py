@@ -12,16 +12,19 @@ kind                   other        base rows   same adapter  why
 LoRA (plain, rsLoRA,   yes*         yes*        yes           routed per row on the routed
 all-linear, embed /                                           tree (``routing.py``); equal to
 lm_head targets)                                              solo
-LoRA + DoRA            no           no          yes           peft refuses ``adapter_names``
-                                                              with DoRA
+LoHa, LoKr (Linear     yes*         yes*        yes           routed per row on the routed
+layers)                                                       tree, in the same forward as
+                                                              LoRA rows; equal to solo
+LoRA + DoRA            no           no          yes           no routing for DoRA's weight
+                                                              norm (peft refuses it as well)
 LoRA + modules_to_save no           no          yes           mixed: ``KeyError`` in peft; a
 (or trainable tokens)                                         saved ``lm_head`` also conflicts
                                                               with LoRA on ``lm_head``: own model
 LoRA on parameters     no           no          yes           ``ParamWrapper`` has no mixed
 (``target_parameters``)                                       batches
 aLoRA                  no           no          yes           per-row invocation offsets
-LoHa, LoKr, IA3, any   no           no          yes           ``adapter_names`` silently ignored
-other non-prompt type
+IA3, any other         no           no          yes           no routing (peft's
+non-prompt type                                               ``adapter_names`` ignores it)
 prompt / p-tuning      no           no          same prompt   left padding shifts the virtual
                                                 length only   tokens: not batch-invariant
 prefix tuning          no           no          same prompt   as above; refused where
@@ -30,8 +33,10 @@ prefix tuning          no           no          same prompt   as above; refused 
 =====================  ===========  ==========  ===========  ==================================
 
 ``*`` "yes" is checked again at load, on the served model, by a probe forward (see
-``registry.py``): a family may feed some LoRA layers flattened tokens (OPT's MLP, Qwen2-MoE's
-experts), which breaks per-row routing. An adapter failing the probe is served alone.
+``registry.py``): every layer must be of a class the routed tree routes (LoHa/LoKr on a
+convolution are not), and a family may feed some layers flattened tokens (OPT's MLP,
+Qwen2-MoE's experts, a MoE router), which breaks per-row routing. An adapter failing the probe
+is served alone.
 
 Prompt-learning adapters are also probed at load: one that raises through ``generate`` or
 leaves the logits exactly as the base model's (ignored) is refused with FAILED_PRECONDITION.
@@ -42,6 +47,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# Non-LoRA types whose (Linear) layers the routed tree routes per row (``routing.py``).
+ROUTED_TYPES = frozenset({"LOHA", "LOKR"})
 PROMPT_LEARNING_TYPES = frozenset(
     {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
 )
@@ -90,13 +97,21 @@ def rule_for(config: dict[str, Any]) -> MixingRule:
             why="peft cannot route modules_to_save per row, and its saved copies conflict "
             "with other adapters targeting the same modules",
         )
+    if peft_type in ROUTED_TYPES:
+        return MixingRule(
+            peft_type.lower(),
+            mixed=True,
+            same_prompt_length=False,
+            own_model=False,
+            why="each row is routed through its own adapter, next to LoRA and base rows",
+        )
     if peft_type != "LORA":
         return MixingRule(
             peft_type.lower(),
             mixed=False,
             same_prompt_length=False,
             own_model=False,
-            why=f"peft ignores adapter_names for {peft_type}",
+            why=f"no per-row routing for {peft_type} (peft ignores adapter_names for it)",
         )
     if config.get("use_dora"):
         return MixingRule("lora+dora", False, False, False, "peft refuses adapter_names with DoRA")

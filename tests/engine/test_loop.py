@@ -49,9 +49,9 @@ def _solo(engine: Engine, reference: Reference, request: GenerationRequest) -> t
 
 def _adapters(engine: Engine) -> tuple[str, str, str]:
     infos = engine.adapters()
-    mixable = sorted(a.name for a in infos if a.mixed_batching)
-    other = sorted(a.name for a in infos if not a.mixed_batching)
-    return mixable[0], mixable[1], other[0]
+    lora = sorted(a.name for a in infos if a.peft_type == "LORA")
+    other = sorted(a.name for a in infos if a.peft_type != "LORA")
+    return lora[0], lora[1], other[0]
 
 
 @pytest.fixture

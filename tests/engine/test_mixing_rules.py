@@ -44,7 +44,16 @@ from peftserve.server.engine.mixing import rule_for
             True,
         ),
         ({"peft_type": "LORA", "alora_invocation_tokens": [5]}, "lora+alora", False, False, False),
-        ({"peft_type": "LOHA"}, "loha", False, False, False),
+        ({"peft_type": "LOHA"}, "loha", True, False, False),
+        ({"peft_type": "LOKR"}, "lokr", True, False, False),
+        ({"peft_type": "IA3"}, "ia3", False, False, False),
+        (
+            {"peft_type": "LOHA", "modules_to_save": ["lm_head"]},
+            "loha+modules_to_save",
+            False,
+            False,
+            True,
+        ),
         (
             {"peft_type": "IA3", "modules_to_save": ["lm_head"]},
             "ia3+modules_to_save",

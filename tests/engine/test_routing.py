@@ -2,10 +2,12 @@
 
 On the demo model plus random extra adapters (two more LoRA, a LoKr and an IA3), built once:
 
-* the routed tree alone: rows of four LoRA adapters and base rows interleaved (and contiguous,
-  and all of one adapter) in one forward give each row the logits of its solo forward;
+* the routed tree alone: rows of four LoRA adapters, a LoHa, a LoKr and base rows interleaved
+  (and contiguous, and all of one adapter) in one forward give each row the logits of its solo
+  forward;
 * the engine: concurrent requests on every adapter and on base, interleaved, return the tokens
-  of a solo ``PeftModel.generate``, and the rows of routed adapters shared their forwards;
+  of a solo ``PeftModel.generate``, and the rows of routed adapters (LoRA, LoHa and LoKr)
+  shared their forwards;
 * what cannot be routed (IA3 here) is refused by ``RoutedTree.why_not`` and served alone.
 """
 
@@ -30,6 +32,7 @@ from transformers import AutoModelForCausalLM
 from .conftest import DEMO, ModelFiles, Reference, engine_config
 
 LORA = ("upper", "reverse", "lora3", "lora4")
+OTHER_ROUTED = ("title", "kron")  # LoHa, LoKr
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -98,6 +101,15 @@ def trees(files: ModelFiles) -> Trees:
     for name in LORA:
         assert RoutedTree.why_not(group, name) == ""
         tree.add(group, name)
+    for name in OTHER_ROUTED:  # a PeftModel per type, as in the registry
+        model = PeftModel.from_pretrained(
+            share_weights_copy(base), files.adapters / name, adapter_name=name
+        ).eval()
+        assert RoutedTree.why_not(model, name) == ""
+        tree.add(model, name)
+        solo[name] = PeftModel.from_pretrained(
+            share_weights_copy(base), files.adapters / name
+        ).eval()
     return Trees(base, tree, solo)
 
 
@@ -113,22 +125,27 @@ def _solo_logits(trees: Trees, name: str, ids: torch.Tensor) -> torch.Tensor:
             [
                 "upper",
                 BASE_ROW_MARKER,
+                "title",
                 "reverse",
                 "lora3",
+                "kron",
                 "upper",
                 "lora4",
                 BASE_ROW_MARKER,
+                "title",
                 "lora3",
                 "reverse",
+                "kron",
                 "lora4",
             ],
             id="interleaved",
         ),
         pytest.param(
-            ["upper", "upper", "reverse", "reverse", BASE_ROW_MARKER, "lora3", "lora4"],
+            ["upper", "upper", "title", "title", BASE_ROW_MARKER, "lora3", "kron", "lora4"],
             id="contiguous",
         ),
         pytest.param(["lora4"] * 3, id="one-adapter"),
+        pytest.param(["kron"] * 3, id="one-lokr-adapter"),
     ],
 )
 def test_each_routed_row_gets_its_solo_logits(trees: Trees, names: list[str]) -> None:
@@ -176,7 +193,7 @@ def test_interleaved_requests_of_many_adapters_equal_solo_and_share_forwards(
 ) -> None:
     infos = {a.name: a for a in engine.adapters()}
     routed = sorted(n for n, a in infos.items() if a.mixed_batching)
-    assert set(LORA) <= set(routed)
+    assert set(routed) == {*LORA, *OTHER_ROUTED}
     assert not infos["scale"].mixed_batching
     order = ["upper", "", "reverse", "lora3", "title", "upper", "lora4", "", "kron", "scale"]
     order += ["lora3", "reverse", "", "lora4"]
