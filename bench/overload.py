@@ -7,7 +7,10 @@ calls at once on one channel, as ``tests/reliability/test_overload.py`` does, in
   rejections share the server with the model worker (the test's setting);
 * ``idle``: ``--max-batch-size 64 --max-wait-ms 8000``; the admitted requests wait for
   companions that never come, so nothing runs while the flood is refused: what the rejection
-  path costs by itself.
+  path costs by itself;
+* ``floor``: not peftserve but a bare ``grpc.aio`` server of the same service whose Generate
+  aborts at once with a prebuilt RESOURCE_EXHAUSTED status (``--serve-floor``): what grpc
+  itself costs per refusal on this machine, the least any Python gRPC server can do.
 
 Per run: time to first rejection, rejection p50/p99 (from the call's start in the client), how
 long until the last rejection, and the server's CPU time (all threads, from /proc) from the
@@ -20,7 +23,7 @@ checkout's ``client/generated/peftserve`` with its ``server/`` inside), for befo
 one run. ``--profile DIR`` samples the server with ``py-spy --gil`` during each run (raw
 stacks, one file per run). Extra server flags go after ``--`` (``-- --log-level INFO``).
 
-Usage: ``python bench/overload.py [--modes idle,busy] [--runs 2] [--flood 1000] [--queue 16]
+Usage: ``python bench/overload.py [--modes floor,idle,busy] [--runs 2] [--flood 1000] [--queue 16]
 [--rate 0] [--baseline DIR] [--profile DIR] [-- SERVER_ARGS...]``.
 """
 
@@ -51,6 +54,7 @@ from bench.servers import ServerProcess, child_env  # noqa: E402
 DEMO_MODEL = REPO / "models" / "demo" / "base"
 DEMO_ADAPTERS = REPO / "models" / "demo" / "adapters"
 MODES = {
+    "floor": [],
     "busy": ["--max-batch-size", "4"],
     "idle": ["--max-batch-size", "64", "--max-wait-ms", "8000"],
 }
@@ -161,6 +165,35 @@ def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     )
 
 
+async def serve_floor() -> None:
+    """The ``floor`` server: every Generate refused at once, no model, no interceptor."""
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="QUEUE_FULL", domain="peftserve.v1"))
+    status = rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="full", details=[info])
+    )
+
+    class Refusing(pb_grpc.GenerationServiceServicer):
+        async def Generate(self, request: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+            await context.abort_with_status(status)
+
+        async def Tokenize(  # noqa: N802
+            self, request: object, context: grpc.aio.ServicerContext
+        ) -> pb.TokenizeResponse:
+            return pb.TokenizeResponse()
+
+    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 2048)])
+    pb_grpc.add_GenerationServiceServicer_to_server(Refusing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"peftserve ready on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
 def run_once(
     mode: str,
     calls: int,
@@ -171,26 +204,33 @@ def run_once(
     rate: float = 0.0,
     pythonpath: str = "",
 ) -> str:
-    command = [
-        sys.executable,
-        "-m",
-        "peftserve.server",
-        "--address",
-        "127.0.0.1:0",
-        "--model-path",
-        str(DEMO_MODEL),
-        "--adapters-dir",
-        str(DEMO_ADAPTERS),
-        "--log-format",
-        "json",
-        "--log-level",
-        "WARNING",
-        "--max-queue-size",
-        str(queue),
-        *MODES[mode],
-        *server_args,
-    ]
-    log = Path(tempfile.gettempdir()) / f"overload-{os.getpid()}-{mode}-{index}.log"
+    command = (
+        [sys.executable, __file__, "--serve-floor"]
+        if mode == "floor"
+        else [
+            sys.executable,
+            "-m",
+            "peftserve.server",
+            "--address",
+            "127.0.0.1:0",
+            "--model-path",
+            str(DEMO_MODEL),
+            "--adapters-dir",
+            str(DEMO_ADAPTERS),
+            "--log-format",
+            "json",
+            "--log-level",
+            "WARNING",
+            "--max-queue-size",
+            str(queue),
+            *MODES[mode],
+            *server_args,
+        ]
+    )
+    log = (
+        Path(tempfile.gettempdir())
+        / f"overload-{os.getpid()}-{mode}-{index}{'-b' if pythonpath else ''}.log"
+    )
     # ``pythonpath``: a directory holding another ``peftserve`` package (a baseline checkout's
     # server), found before the installed one.
     env = child_env(1, {"PYTHONPATH": pythonpath} if pythonpath else None)
@@ -227,7 +267,7 @@ def run_once(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default="idle,busy")
+    parser.add_argument("--modes", default="floor,idle,busy")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--flood", type=int, default=1000)
     parser.add_argument("--queue", type=int, default=16)
@@ -238,12 +278,16 @@ def main() -> None:
         default="",
         help="a directory with another peftserve package: each run is repeated against it",
     )
+    parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("server_args", nargs="*", help="extra server flags, after --")
     args = parser.parse_args()
+    if args.serve_floor:
+        asyncio.run(serve_floor())
+        return
     print(f"load average {os.getloadavg()[0]:.1f}", flush=True)
     for index in range(args.runs):
         for mode in args.modes.split(","):
-            for pythonpath in ("", args.baseline) if args.baseline else ("",):
+            for pythonpath in ("", args.baseline) if args.baseline and mode != "floor" else ("",):
                 line = run_once(
                     mode,
                     args.flood,
