@@ -409,8 +409,15 @@ class Batcher:
             if not self._step_model.can_run(batch.key):
                 continue  # a beam search holds this model on another adapter: wait
             input_ids, mask, positions = batch.decode_inputs()
+            # No padding left: no mask, as transformers itself turns an all-ones mask into
+            # none for a one-token query (SDPA) after summing it on every forward.
             logits = self._step_model.forward(
-                batch.key, batch.rows, input_ids, mask, positions, batch.cache
+                batch.key,
+                batch.rows,
+                input_ids,
+                mask if any(batch.pads) else None,
+                positions,
+                batch.cache,
             )
             batch.advance()
             forwards.append((_Forward(batch, new=False), logits))

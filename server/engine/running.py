@@ -77,9 +77,8 @@ class SubBatch:
         assert self.next_tokens is not None, "a sub-batch decodes only after its first token"
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
-        # Decode steps always pass the mask, even with no padding left: measured, a row that
-        # decoded in a padded batch and went on alone matched its solo run only when the mask
-        # stayed (the maskless kernel flipped a near-tie of the demo LoHa adapter).
+        # The mask is kept up to date even with no padding left (merges need it); the step
+        # passes it to the model only while ``pads`` say there is padding (docs/engine.md).
         return self.next_tokens.unsqueeze(1), self.mask, self.positions.unsqueeze(1)
 
     def advance(self) -> None:
