@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -184,7 +185,7 @@ class SeenTokens:
     per slot of a ``(slots, width)`` tensor, appended to incrementally (each step writes only
     the tokens a row got since). Padding repeats the row's first id: gathering and scattering
     an id twice writes the same value twice, as the processor does for a repeated id. A row
-    keeps its slot until it finishes; slots of finished rows are reused when no free one is
+    keeps its slot until it finishes or is gone; those slots are reused when no free one is
     left, and the table doubles when all are taken."""
 
     def __init__(self, device: torch.device) -> None:
@@ -195,9 +196,12 @@ class SeenTokens:
         self.ids = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self._vocab = vocab
         self._filled: list[int] = []  # per slot: how many columns hold the row's ids
-        self._owners: list[Row | None] = []
+        # Weak: a row that is gone (or finished) gives its slot back; none is kept alive here.
+        self._owners: list[weakref.ref[Row] | None] = []
         self._free: list[int] = []
-        self._slots: dict[Row, tuple[int, int]] = {}  # row -> (slot, row.length written)
+        self._slots: weakref.WeakKeyDictionary[Row, tuple[int, int]] = (
+            weakref.WeakKeyDictionary()
+        )  # row -> (slot, row.length written)
 
     def slots(self, rows: Sequence[Row], vocab: int) -> tuple[torch.Tensor, int, bool]:
         """The slots of ``rows`` (a long tensor) with every row's ids up to now written, the
@@ -257,9 +261,11 @@ class SeenTokens:
 
     def _take(self, row: Row) -> int:
         if not self._free:
-            for slot, owner in enumerate(self._owners):
-                if owner is not None and owner.finished:
-                    del self._slots[owner]
+            for slot, ref in enumerate(self._owners):
+                owner = ref() if ref is not None else None
+                if ref is not None and (owner is None or owner.finished):
+                    if owner is not None:
+                        del self._slots[owner]
                     self._owners[slot] = None
                     self._free.append(slot)
         if not self._free:
@@ -271,7 +277,7 @@ class SeenTokens:
             self._filled.extend([0] * (grown - size))
             self._free.extend(range(grown - 1, size - 1, -1))
         slot = self._free.pop()
-        self._owners[slot] = row
+        self._owners[slot] = weakref.ref(row)
         self._filled[slot] = 0
         return slot
 

@@ -9,7 +9,9 @@ sampler's tokens (greedy and seeded) must be the ones the per-row logits give.
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -117,7 +119,7 @@ def test_batched_processors_equal_each_rows_own(seed: int) -> None:
         logits = _logits(gen, len(rows), vocab)
         members = [i for i, r in enumerate(rows) if row_plan(r).steps is not None]
         scores = logits.clone()
-        batched.apply(scores, rows, members)
+        scores = batched.apply(scores, rows, members)
         for i in members:
             assert torch.equal(scores[i], _alone(rows[i], logits[i])), (i, rows[i].processors)
         for row in rows:  # every row gets a token; some are banned ids, some repeat
@@ -140,7 +142,7 @@ def test_subsets_of_rows_and_rows_that_leave_keep_their_own_history() -> None:
         logits = _logits(gen, len(rows), vocab)
         members = [i for i, r in enumerate(rows) if row_plan(r).steps is not None]
         scores = logits.clone()
-        batched.apply(scores, rows, members)
+        scores = batched.apply(scores, rows, members)
         for i in members:
             assert torch.equal(scores[i], _alone(rows[i], logits[i]))
         for row in rows:
@@ -166,7 +168,7 @@ def test_more_threads_and_a_large_vocabulary() -> None:
         logits = _logits(torch.Generator().manual_seed(11), len(rows), vocab)
         members = [i for i, r in enumerate(rows) if row_plan(r).steps is not None]
         scores = logits.clone()
-        batched.apply(scores, rows, members)
+        scores = batched.apply(scores, rows, members)
         for i in members:
             assert torch.equal(scores[i], _alone(rows[i], logits[i]))
     finally:
@@ -259,7 +261,112 @@ def test_repetition_penalty_drops_ids_beyond_the_logits_as_transformers_does() -
     logits = _logits(torch.Generator().manual_seed(1), len(rows), 50)
     for members in ([0, 2], [0, 1, 2]):
         scores = logits.clone()
-        batched.apply(scores, rows, members)
+        scores = batched.apply(scores, rows, members)
         for i in members:
             assert torch.equal(scores[i], _alone(rows[i], logits[i]))
         assert not torch.equal(scores[0], logits[0])
+
+
+def test_the_sampler_keeps_no_row_alive() -> None:
+    """Penalised rows that are gone (not only finished) give their slots back: the batched
+    processors hold them weakly."""
+    rng = random.Random(17)
+    vocab = 90
+    base = _base(vocab)
+    batched = BatchedProcessors(CPU)
+    config = GenerationConfig(eos_token_id=EOS, pad_token_id=0, repetition_penalty=1.2)
+    factory = RowFactory(base, cast(Any, None), CPU, (EOS,))
+
+    def penalised(n: int) -> list[Row]:
+        out = []
+        for _ in range(n):
+            prompt = tuple(rng.randrange(3, vocab) for _ in range(5))
+            prepared = SimpleNamespace(generation_config=config, prompt_ids=prompt)
+            processors = LogitsProcessorList(
+                factory.processors(cast(Any, SimpleNamespace(prepared=prepared)))
+            )
+            out.append(
+                Row(
+                    cast(Any, None),
+                    0,
+                    prompt,
+                    processors,
+                    None,
+                    8,
+                    frozenset(),
+                    cast(Any, None),
+                    None,
+                )
+            )
+        return out
+
+    rows = penalised(8)
+    batched.apply(torch.zeros((8, vocab)), rows, list(range(8)))
+    refs = [weakref.ref(r) for r in rows]
+    del rows
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    again = penalised(8)
+    logits = _logits(torch.Generator().manual_seed(17), 8, vocab)
+    scores = batched.apply(logits.clone(), again, list(range(8)))
+    assert len(batched.seen._owners) == 8, "the slots of the rows that are gone were reused"
+    for i, row in enumerate(again):
+        assert torch.equal(scores[i], _alone(row, logits[i]))
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_rows_that_all_agree_run_as_one_block(sample: bool) -> None:
+    """Every row with the same configuration (the benchmark's case): each operation covers
+    the whole block (no selection, a warper's result becomes the scores), still exact."""
+    vocab = 150
+    base = _base(vocab)
+    factory = RowFactory(base, cast(Any, None), CPU, (EOS,))
+    settings: dict[str, Any] = {"min_new_tokens": 4, "repetition_penalty": 1.3}
+    if sample:
+        settings.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05)
+    config = GenerationConfig(eos_token_id=EOS, pad_token_id=0, bad_words_ids=[[9]], **settings)
+    rng = random.Random(19)
+    rows = []
+    twins = []  # their generators, for the expected draws
+    for i in range(16):
+        prompt = tuple(rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9)))
+        prepared = SimpleNamespace(generation_config=config, prompt_ids=prompt)
+        processors = LogitsProcessorList(
+            factory.processors(cast(Any, SimpleNamespace(prepared=prepared)))
+        )
+        generator = torch.Generator().manual_seed(i) if sample else None
+        twins.append(torch.Generator().manual_seed(i))
+        rows.append(
+            Row(
+                cast(Any, None),
+                0,
+                prompt,
+                processors,
+                generator,
+                8,
+                frozenset(),
+                cast(Any, None),
+                None,
+            )
+        )
+    batched = BatchedProcessors(CPU)
+    sampler = Sampler(CPU, str)  # its own batched processors over the same rows
+    gen = torch.Generator().manual_seed(19)
+    for _ in range(6):
+        logits = _logits(gen, len(rows), vocab)
+        scores = batched.apply(logits.clone(), rows, list(range(len(rows))))
+        assert all(g.index is None for g in batched._layout if g.thresholds is None)
+        alone = [_alone(row, logits[i]) for i, row in enumerate(rows)]
+        for i in range(len(rows)):
+            assert torch.equal(scores[i], alone[i])
+        tokens = sampler.choose(logits, rows).token_ids
+        if sample:
+            want = [
+                int((a.softmax(-1) / torch.empty_like(a).exponential_(generator=g)).argmax())
+                for a, g in zip(alone, twins, strict=True)
+            ]
+        else:
+            want = [int(a.argmax()) for a in alone]
+        assert tokens == want
+        for row, token in zip(rows, tokens, strict=True):
+            row.tokens.append(token)
