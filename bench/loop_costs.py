@@ -6,7 +6,8 @@ demo model (or ``--model-path``), on the base model, greedy, CPU unless CUDA is 
 * step: one decode forward of a sub-batch of N rows at width W plus the sampler's choice;
 * join: a request entering a running sub-batch = its prefill forward (prompt of P tokens)
   plus ``SubBatch.merge`` into a sub-batch that has a free row slot (a row left before);
-* join x4: four such requests merged in one ``SubBatch.merge`` (all joiners of a step);
+* join x4: four such requests merged in one ``SubBatch.merge`` (all joiners of a step) into
+  a sub-batch with four free slots;
 * leave: ``SubBatch.filter`` dropping the first row (its slot filled, all-padding columns
   trimmed);
 * memory: the cache's key/value bytes per cached token, live and allocated.
@@ -16,10 +17,11 @@ adapters, C closed-loop clients each sending greedy requests of 16-48 new tokens
 many: ``min_new_tokens``) on the base model and the LoRA adapters until ``--loop-requests``
 are done; tokens/s per cache kind, the kinds alternating ``--loop-rounds`` times.
 
-Each cell is measured for each ``--caches`` kind, alternating in one run: ``slot`` is the
-engine's cache (``kv_cache.new_cache``: slot layers written in place), ``dynamic`` is
-transformers' plain ``DynamicCache`` (``torch.cat`` every step, a copy of the whole sub-batch
-on a join or leave), what the loop used before. Medians of ``--repeats`` runs. Usage:
+Each cell is measured for each ``--caches`` kind, the kinds alternating repeat by repeat:
+``slot`` is the engine's cache (``kv_cache.new_cache``: slot layers written in place),
+``dynamic`` is transformers' plain ``DynamicCache`` (``torch.cat`` every step, a copy of the
+whole sub-batch on a join or leave), what the loop used before.
+Medians of ``--repeats`` runs. Usage:
 ``python bench/loop_costs.py [--rows 1,8,32] [--width 64] [--prompt 32] [--repeats 30]
 [--threads 1] [--caches slot,dynamic] [--clients 64 --loop-requests 256 --loop-rounds 2]``.
 """
@@ -30,6 +32,8 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import cProfile
+import pstats
 import random
 import statistics
 import time
@@ -59,17 +63,26 @@ def _row() -> Any:
     )
 
 
-def _median_ms(
-    fn: Callable[[Any], object], repeats: int, setup: Callable[[], Any] = lambda: None
-) -> float:
-    """Median wall time of ``fn(setup())`` in ms; ``setup`` is not timed."""
-    times = []
-    for _ in range(repeats):
-        arg = setup()
-        started = time.perf_counter()
-        fn(arg)
-        times.append((time.perf_counter() - started) * 1000.0)
-    return statistics.median(times)
+Timed = tuple[Callable[[Any], object], Callable[[], Any]]  # (fn, untimed setup)
+
+
+def _medians_ms(cases: dict[str, Timed], repeats: int) -> dict[str, float]:
+    """Median wall time of ``fn(setup())`` in ms per case, the cases alternating (in turn
+    forwards and backwards) so that a change of the machine's load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            fn, setup = cases[name]
+            arg = setup()
+            started = time.perf_counter()
+            fn(arg)
+            times[name].append((time.perf_counter() - started) * 1000.0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _none() -> None:
+    return None
 
 
 def _new_cache(kind: str, step: ModelStep) -> DynamicCache:
@@ -101,11 +114,11 @@ def _sub_batch(
     return batch
 
 
-def _with_free_slot(batch: SubBatch) -> SubBatch:
-    """A copy of ``batch`` with one more row, which then leaves: a slot is free for a join."""
+def _with_free_slot(batch: SubBatch, free: int = 1) -> SubBatch:
+    """A copy of ``batch`` with ``free`` more rows, which then leave: slots free for joins."""
     copied = copy.deepcopy(batch)
-    copied.merge([copy.deepcopy(_one_row(batch))])
-    copied.filter(list(range(len(copied) - 1)))
+    copied.merge([copy.deepcopy(_one_row(batch)) for _ in range(free)])
+    copied.filter(list(range(len(batch))))
     return copied
 
 
@@ -116,45 +129,61 @@ def _one_row(batch: SubBatch) -> SubBatch:
 
 
 def _cells(
-    step: ModelStep, sampler: Sampler, args: argparse.Namespace, vocab: int, rows: int, kind: str
-) -> str:
-    batch = _sub_batch(step, sampler, rows, args.width, vocab, kind)
-    members = batch.rows
+    step: ModelStep,
+    sampler: Sampler,
+    args: argparse.Namespace,
+    vocab: int,
+    rows: int,
+    kinds: list[str],
+) -> list[str]:
+    """One table row per cache kind for sub-batches of ``rows`` rows, measured alternating."""
+    batches = {k: _sub_batch(step, sampler, rows, args.width, vocab, k) for k in kinds}
 
-    def decode(_: object, b: SubBatch = batch, m: list[Any] = members) -> None:
+    def decode(_: object, b: SubBatch) -> None:
         ids, mask, positions = b.decode_inputs()
-        logits = step.forward(KEY, m, ids, mask, positions, b.cache)
+        logits = step.forward(KEY, b.rows, ids, mask, positions, b.cache)
         b.advance()
-        b.next_tokens = sampler.choose(logits, m).tokens
+        b.next_tokens = sampler.choose(logits, b.rows).tokens
 
-    decode(None)  # warm-up
-    step_ms = _median_ms(decode, args.repeats)
-    joiners = [_sub_batch(step, sampler, 1, args.prompt - i, vocab, kind) for i in range(4)]
-    prefill_ms = _median_ms(
-        lambda _: _sub_batch(step, sampler, 1, args.prompt, vocab, kind), args.repeats
-    )
-    merge_ms = _median_ms(
-        lambda p: p[0].merge(p[1]),
-        args.repeats,
-        lambda: (_with_free_slot(batch), [copy.deepcopy(joiners[0])]),
-    )
-    merge4_ms = _median_ms(
-        lambda p: p[0].merge(p[1]),
-        args.repeats,
-        lambda: (_with_free_slot(batch), copy.deepcopy(joiners)),
-    )
-    leave_ms = _median_ms(
-        lambda b: b.filter(list(range(1, len(b)))),
-        args.repeats,
-        lambda: copy.deepcopy(batch),
-    )
-    tokens = len(batch) * batch.width
-    per_token = kv_cache.nbytes(batch.cache) / tokens
-    allocated = kv_cache.capacity_nbytes(batch.cache) / tokens
-    return (
-        f"| {rows} | {kind} | {step_ms:.2f} ms | {prefill_ms:.2f} ms | {merge_ms:.3f} ms "
-        f"| {merge4_ms:.3f} ms | {leave_ms:.3f} ms | {per_token:.0f} / {allocated:.0f} |"
-    )
+    for batch in batches.values():
+        decode(None, batch)  # warm-up
+    joiners = {
+        k: [_sub_batch(step, sampler, 1, args.prompt - i, vocab, k) for i in range(4)]
+        for k in kinds
+    }
+    cases: dict[str, Timed] = {}
+    for k in kinds:
+        b, j = batches[k], joiners[k]
+        cases[f"step {k}"] = (lambda _, b=b: decode(None, b), _none)
+        cases[f"prefill {k}"] = (
+            lambda _, k=k: _sub_batch(step, sampler, 1, args.prompt, vocab, k),
+            _none,
+        )
+        cases[f"merge {k}"] = (
+            lambda p: p[0].merge(p[1]),
+            lambda b=b, j=j: (_with_free_slot(b), [copy.deepcopy(j[0])]),
+        )
+        cases[f"merge4 {k}"] = (
+            lambda p: p[0].merge(p[1]),
+            lambda b=b, j=j: (_with_free_slot(b, len(j)), copy.deepcopy(j)),
+        )
+        cases[f"leave {k}"] = (
+            lambda c: c.filter(list(range(1, len(c)))),
+            lambda b=b: copy.deepcopy(b),
+        )
+    ms = _medians_ms(cases, args.repeats)
+    lines = []
+    for k in kinds:
+        batch = batches[k]
+        tokens = len(batch) * batch.width
+        per_token = kv_cache.nbytes(batch.cache) / tokens
+        allocated = kv_cache.capacity_nbytes(batch.cache) / tokens
+        lines.append(
+            f"| {rows} | {k} | {ms[f'step {k}']:.2f} ms | {ms[f'prefill {k}']:.2f} ms "
+            f"| {ms[f'merge {k}']:.3f} ms | {ms[f'merge4 {k}']:.3f} ms "
+            f"| {ms[f'leave {k}']:.3f} ms | {per_token:.0f} / {allocated:.0f} |"
+        )
+    return lines
 
 
 @contextlib.contextmanager
@@ -171,8 +200,30 @@ def _engine_cache(kind: str) -> Iterator[None]:
         kv_cache.new_cache = original  # type: ignore[assignment]
 
 
-def _loop_tokens_per_s(args: argparse.Namespace, kind: str) -> float:
-    """Tokens/s of ``args.clients`` closed-loop clients through a fresh in-process engine."""
+# Where the worker touches the KV cache, none nested in another: the model's ``Cache.update``
+# (which calls every layer's update: the largest cumulative ``update`` in cache_utils.py) and
+# the running batch's verbs.
+KV_VERBS = {"merge", "drop_rows", "select_rows", "trim_left"}
+
+
+def _kv_share(stats: pstats.Stats) -> float:
+    """The KV cache's share of the worker's loop iterations (cumulative times)."""
+    entries: Any = stats.stats  # type: ignore[attr-defined]
+    verbs = update = total = 0.0
+    for (filename, _, name), (_, _, _, cumulative, _) in entries.items():
+        module = Path(filename).name
+        if module == "kv_cache.py" and name in KV_VERBS:
+            verbs += cumulative
+        elif module == "cache_utils.py" and name == "update":
+            update = max(update, cumulative)
+        elif module == "batcher.py" and name == "_iterate":
+            total += cumulative
+    return (verbs + update) / total if total else 0.0
+
+
+def _loop_tokens_per_s(args: argparse.Namespace, kind: str) -> tuple[float, float | None]:
+    """Tokens/s of ``args.clients`` closed-loop clients through a fresh in-process engine,
+    and with ``--profile`` the KV cache's share of the worker's time (cProfile)."""
     adapters = args.model_path.parent / "adapters"
     config = EngineConfig(
         model_path=args.model_path,
@@ -196,6 +247,20 @@ def _loop_tokens_per_s(args: argparse.Namespace, kind: str) -> float:
         for i in range(args.loop_requests)
     ]
 
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        batcher: Any = engine._batcher
+        original = batcher._iterate
+
+        def profiled(*a: Any, **k: Any) -> None:
+            profiler.enable()  # cProfile sees only its own thread: enable inside the worker
+            try:
+                original(*a, **k)
+            finally:
+                profiler.disable()
+
+        batcher._iterate = profiled
+
     async def run() -> float:
         await engine.start()
         queue = list(reversed(work))
@@ -214,7 +279,8 @@ def _loop_tokens_per_s(args: argparse.Namespace, kind: str) -> float:
         return tokens / elapsed
 
     with _engine_cache(kind):
-        return asyncio.run(run())
+        rate = asyncio.run(run())
+    return rate, None if profiler is None else _kv_share(pstats.Stats(profiler))
 
 
 def main() -> None:
@@ -229,6 +295,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=0, help="also run the loop in process")
     parser.add_argument("--loop-requests", type=int, default=256)
     parser.add_argument("--loop-rounds", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="cProfile the loop's worker")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -241,21 +308,29 @@ def main() -> None:
 
     print(f"model {args.model_path.name}, device {device}, threads {args.threads}")
     print(f"width {args.width} cached tokens per row, join prompt {args.prompt} tokens\n")
-    print(
-        "| rows | cache | decode step | join: prefill | join: merge | join x4: one merge "
-        "| leave: filter | KV bytes/token live / allocated |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    if args.rows:
+        print(
+            "| rows | cache | decode step | join: prefill | join: merge | join x4: one merge "
+            "| leave: filter | KV bytes/token live / allocated |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
     for rows in (int(r) for r in args.rows.split(",") if r):
-        for kind in kinds:
-            print(_cells(step, sampler, args, vocab, rows, kind), flush=True)
+        print("\n".join(_cells(step, sampler, args, vocab, rows, kinds)), flush=True)
     if args.clients:
         print(f"\nthe loop in process: {args.clients} closed-loop clients, greedy, 16-48 tokens")
+        if args.profile:
+            print("(cProfiled: tokens/s are slower than unprofiled; the KV share is of the worker)")
         print("| round | " + " | ".join(f"{k} tokens/s" for k in kinds) + " |")
         print("|---|" + "---|" * len(kinds))
         for round_ in range(args.loop_rounds):
-            rates = [_loop_tokens_per_s(args, kind) for kind in kinds]
-            print(f"| {round_ + 1} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
+            cells = []
+            for kind in kinds if round_ % 2 == 0 else list(reversed(kinds)):
+                rate, share = _loop_tokens_per_s(args, kind)
+                cells.append(
+                    (kind, f"{rate:.0f}" + ("" if share is None else f" (KV {share:.1%})"))
+                )
+            cells.sort(key=lambda c: kinds.index(c[0]))
+            print(f"| {round_ + 1} | " + " | ".join(c for _, c in cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
