@@ -77,18 +77,24 @@ class SlotLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
+        # Once per layer and step: kept to a capacity check, two writes and two views.
+        if self._k is None or self._v is None:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != self.rows:
-            raise ValueError(f"{key_states.shape[0]} rows of keys for a cache of {self.rows}")
-        columns = key_states.shape[-2]
-        self.reserve(self.rows, 0, columns)
+        rows, columns = key_states.shape[0], key_states.shape[-2]
+        if rows != self.rows:
+            raise ValueError(f"{rows} rows of keys for a cache of {self.rows}")
+        end = self.end + columns
         k, v = self._buffers()
-        k[: self.rows, :, self.end : self.end + columns] = key_states
-        v[: self.rows, :, self.end : self.end + columns] = value_states
-        self.end += columns
-        self._refresh()
-        return self.keys, self.values  # type: ignore[return-value]
+        if end > k.shape[2]:
+            self.reserve(rows, 0, columns)
+            k, v = self._buffers()
+            end = self.end + columns
+        k[:rows, :, self.end : end] = key_states
+        v[:rows, :, self.end : end] = value_states
+        self.end = end
+        self.keys = k[:rows, :, self.start : end]
+        self.values = v[:rows, :, self.start : end]
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.end - self.start if self.is_initialized else 0
