@@ -1,7 +1,7 @@
 """Entry point: ``python -m peftserve.server`` and ``peftserve serve``.
 
 Serves until SIGTERM/SIGINT, then drains (in-flight requests get the configured grace) and
-exits 0.
+exits 0. Exits 1 if the model fails to load or the engine process (``--engine-process``) dies.
 """
 
 from __future__ import annotations
@@ -36,8 +36,15 @@ async def serve(config: ServerConfig) -> int:
         # Printed on stdout so scripts and tests can wait for it.
         line = stdout_line(config.log_format, f"peftserve ready on {host}:{port}", port=port)
         print(line, flush=True)
-    await stopping
+    lost = asyncio.create_task(server.wait_engine_lost())
+    await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
     ready.cancel()
+    if lost.done():
+        # In-flight calls already ended UNAVAILABLE; a supervisor restarts the server.
+        stopping.cancel()
+        await server.stop(1.0)
+        return 1
+    lost.cancel()
     logger.info("signal received; shutting down")
     await server.stop()
     return 0

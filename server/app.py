@@ -22,6 +22,7 @@ from .auth import BearerTokenInterceptor, load_tokens
 from .config import ServerConfig, validate_security
 from .engine.engine import Engine
 from .engine.errors import EngineUnavailableError
+from .engine_proc import AnyEngine, EngineProxy
 from .interceptor import ErrorMappingInterceptor, RequestObserver
 from .logs import install_grpc_log_filter
 
@@ -39,10 +40,15 @@ class PeftServeServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self._engine: Engine | None = None
-        self._state = "loading"  # loading -> serving -> draining -> stopped | failed
+        self._engine: AnyEngine | None = None
+        # loading -> serving -> draining -> stopped | failed; serving -> lost (engine process
+        # died: the server must exit, see wait_engine_lost)
+        self._state = "loading"
+        self._lost = asyncio.Event()
+        self._lost_message = ""
         self._load_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
         problems = validate_security(config)
         if problems:
             raise ValueError("; ".join(problems))
@@ -78,8 +84,10 @@ class PeftServeServer:
     def state(self) -> str:
         return self._state
 
-    def engine(self) -> Engine:
+    def engine(self) -> AnyEngine:
         """The engine, if requests are admitted now; else EngineUnavailableError."""
+        if self._state == "lost":
+            raise EngineUnavailableError(self._lost_message)
         if self._state == "loading":
             raise EngineUnavailableError("the model is still loading; retry shortly")
         if self._state == "failed":
@@ -98,9 +106,18 @@ class PeftServeServer:
         self._load_task = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
+        engine: AnyEngine
         try:
-            engine = await asyncio.to_thread(Engine, self.config.engine)
-            await engine.start()
+            if self.config.engine_process:
+                engine = await EngineProxy.launch(
+                    self.config.engine,
+                    self.config.log_level,
+                    self.config.log_format,
+                    on_exit=self._engine_exited,
+                )
+            else:
+                engine = await asyncio.to_thread(Engine, self.config.engine)
+                await engine.start()
         except Exception:
             logger.exception("failed to load the model from %s", self.config.engine.model_path)
             self._state = "failed"
@@ -121,6 +138,23 @@ class PeftServeServer:
                 ", ".join(a.name for a in engine.adapters()) or "none",
             )
         self._ready.set()
+
+    def _engine_exited(self, code: int) -> None:
+        """The engine process died: refuse everything, report NOT_SERVING, let the process
+        exit non-zero (``wait_engine_lost``) so that a supervisor restarts it."""
+        self._lost_message = f"the engine process exited with code {code}"
+        if self._state in ("draining", "stopped"):
+            return
+        logger.error("%s; the server cannot serve any more and will exit", self._lost_message)
+        self._state = "lost"
+        self._lost.set()
+        task = asyncio.create_task(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        self._health_task = task
+
+    async def wait_engine_lost(self) -> str:
+        """Return (with the reason) once the engine process has died while serving."""
+        await self._lost.wait()
+        return self._lost_message
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Wait until loading has finished; raises RuntimeError if it failed."""

@@ -73,6 +73,9 @@ class ServerConfig:
     admin_tokens: tuple[str, ...] = field(default=(), repr=False)
     # host:port of the Prometheus /metrics HTTP endpoint; "" = no metrics endpoint.
     metrics_address: str = ""
+    # Run the engine (model, decode loop, adapters) in a child process of its own, so the
+    # gRPC front and the model loop do not share one GIL (docs/engine.md "Engine process").
+    engine_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,11 @@ _OPTIONS: tuple[_Option, ...] = (
         "directory whose subdirectories are PEFT adapters, each served under its name",
     ),
     _Option("engine", "model_id", "model id reported to clients (default: directory name)"),
+    _Option(
+        "server",
+        "engine_process",
+        "run the engine in a child process of its own, apart from the gRPC front (true/false)",
+    ),
     _Option("engine", "device", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
     _Option("engine", "dtype", "weights dtype", choices=("float32", "bfloat16", "float16")),
     _Option("engine", "max_batch_size", "most model rows decoding at once"),

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .engine.engine import Engine
+from .engine_proc import AnyEngine
 from .interceptor import RequestRecord
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class _EngineCollector(Collector):
     """Scrape-time gauges read from the engine (absent while it loads)."""
 
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, engine: Callable[[], AnyEngine | None]) -> None:
         self._engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -87,7 +87,7 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """The server's metrics and, once ``start`` ran, the HTTP endpoint serving them."""
 
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, engine: Callable[[], AnyEngine | None]) -> None:
         self._engine = engine
         self.registry = CollectorRegistry()
         r = self.registry
@@ -142,7 +142,7 @@ class ServerMetrics:
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
-    def engine_ready(self, engine: Engine) -> None:
+    def engine_ready(self, engine: AnyEngine) -> None:
         """Start recording the engine's steps (called once the engine has loaded)."""
         self.steps.attach(engine)
 
@@ -220,7 +220,7 @@ STEP_PHASES = ("prefill", "decode")
 class _BatchCollector(Collector):
     """Scrape-time gauges of the running batch and its KV cache (absent while loading)."""
 
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, engine: Callable[[], AnyEngine | None]) -> None:
         self._engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -289,7 +289,7 @@ class _StepMetrics:
         self._decode = self.tokens.labels("decode")
         self._unsubscribe: Callable[[], None] | None = None
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: AnyEngine) -> None:
         self.detach()
         self._unsubscribe = engine.add_step_listener(self.observe)
 
@@ -320,7 +320,7 @@ IE_LORA_INFO = "vllm:lora_requests_info"
 IE_LORA_LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
 
 
-def ie_max_lora(engine: Engine) -> int:
+def ie_max_lora(engine: AnyEngine) -> int:
     """``max_lora``: the adapter budget (``--max-loaded-adapters``). With no budget (0) every
     adapter the replica has stays loaded and no request ever waits for an adapter slot, so the
     number reported is the adapters it holds (loaded, loading or unloading)."""
@@ -331,7 +331,7 @@ def ie_max_lora(engine: Engine) -> int:
 class _InferenceExtensionCollector(Collector):
     """Scrape-time gauges under the protocol's names (absent while the model loads)."""
 
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, engine: Callable[[], AnyEngine | None]) -> None:
         self._engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

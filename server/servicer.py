@@ -16,16 +16,17 @@ from peftserve.v1 import generation_pb2 as pb
 from peftserve.v1 import generation_pb2_grpc as pb_grpc
 
 from . import convert
-from .engine.engine import Engine, RequestHandle
+from .engine.engine import RequestHandle
 from .engine.errors import DeadlineExceededError, PeftServeError
 from .engine.types import GenerationRequest, GenerationResult
+from .engine_proc import AnyEngine
 from .interceptor import record
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Implements every RPC of ``peftserve.v1.GenerationService`` over the engine."""
 
-    def __init__(self, engine: Callable[[], Engine]) -> None:
+    def __init__(self, engine: Callable[[], AnyEngine]) -> None:
         # A callable, not an engine: it raises EngineUnavailableError while loading/draining.
         self._engine = engine
 
@@ -73,10 +74,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GenerateResponse:
         self._check_queue(request)
         engine_request = self._request(request, context)
-        engine = self._engine()
-        await engine.await_adapter(engine_request.adapter, engine_request.deadline)
-        prepared = await engine.prepare_async(engine_request)
-        handle = engine.submit_prepared(prepared, stream=False)
+        handle = await self._engine().submit_async(engine_request, stream=False)
         result = await _until_done(handle, handle.result())
         self._record(result)
         return convert.generate_response(result, engine_request.options)
@@ -88,10 +86,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._check_queue(request)
         entry = record()
         engine_request = self._request(request, context)
-        engine = self._engine()
-        await engine.await_adapter(engine_request.adapter, engine_request.deadline)
-        prepared = await engine.prepare_async(engine_request)
-        handle = engine.submit_prepared(prepared, stream=True)
+        handle = await self._engine().submit_async(engine_request, stream=True)
         try:
             async for events in handle.event_batches():
                 if "ttft_ms" not in entry.extra:

@@ -34,6 +34,11 @@ T = TypeVar("T")
 class ServerThread:
     """A real peftserve server running on its own event loop in a background thread."""
 
+    # The engine mode of servers that do not choose one: test modules that run the server's
+    # tests again with the engine in a process of its own switch it (tests/server/
+    # test_process_mode.py); tests that inject faults into the engine in-process pin False.
+    engine_process_default = False
+
     def __init__(self, **overrides: Any) -> None:
         from peftserve.server.config import ServerConfig
         from peftserve.server.engine.config import EngineConfig
@@ -44,6 +49,7 @@ class ServerThread:
             if k in {f.name for f in dataclasses.fields(EngineConfig)}
         }
         server_overrides = {k: v for k, v in overrides.items() if k not in engine_overrides}
+        server_overrides.setdefault("engine_process", ServerThread.engine_process_default)
         engine = EngineConfig(model_path=DEMO_MODEL, adapters_dir=DEMO_ADAPTERS)
         engine = dataclasses.replace(engine, **engine_overrides)
         self.config = ServerConfig(

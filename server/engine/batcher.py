@@ -193,11 +193,12 @@ class Batcher:
             )
         waiting = len(self._queue) + reserved
         if waiting >= self._config.max_queue_size:
-            # About how long until the queue moves: the requests ahead of it, a batch at a
-            # time, each taking its tokens' worth of recent steps.
-            batches_ahead = waiting / max(1, self._config.max_batch_size) + 1
-            per_batch = self._step_seconds_ema * self._config.default_max_new_tokens
-            raise QueueFullError(waiting, max(0.1, per_batch * batches_ahead))
+            raise QueueFullError(waiting, retry_after_s(waiting, self._config, self.step_seconds))
+
+    @property
+    def step_seconds(self) -> float:
+        """Recent model step time (an exponential moving average; a prior before any step)."""
+        return self._step_seconds_ema
 
     def admit(self, job: Job) -> None:
         with self._cond:
@@ -693,6 +694,13 @@ class Batcher:
         finished, self._finished = self._finished, []
         for job in finished:
             job.publish_outcome(build_result(job, FinishReason.CANCELLED, self._model_id))
+
+
+def retry_after_s(waiting: int, config: EngineConfig, step_seconds: float) -> float:
+    """A full queue's retry hint: about how long until it moves, i.e. the requests ahead, a
+    batch at a time, each taking its tokens' worth of recent steps (at least 0.1 s)."""
+    batches_ahead = waiting / max(1, config.max_batch_size) + 1
+    return max(0.1, step_seconds * config.default_max_new_tokens * batches_ahead)
 
 
 def _combined(a: StepStats, b: StepStats) -> StepStats:

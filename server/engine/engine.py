@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -47,7 +47,7 @@ from .errors import (
     EngineUnavailableError,
     InvalidRequestError,
 )
-from .handle import Job, RequestHandle
+from .handle import HandleFactory, Job, RequestHandle
 from .registry import (
     ADAPTER_NAME_PATTERN,
     CONFIG_FILE,
@@ -273,47 +273,10 @@ class Engine:
         bound. ``None`` in the queue means the watch is over. Leaving the ``with`` block stops
         the feed.
         """
-        loop = asyncio.get_running_loop()
-        limit = self._config.max_watch_buffered_events
-        events: asyncio.Queue[AdapterEvent | None] = asyncio.Queue()
-        watch = AdapterWatch((), events)
-        if self._draining:
-            events.put_nowait(None)
-
-        def put(event: AdapterEvent) -> None:
-            if watch.dropped:
-                return
-            if events.qsize() >= limit:
-                watch.dropped = True
-                while not events.empty():
-                    events.get_nowait()
-                events.put_nowait(None)
-                logger.warning("dropped an adapter watcher %d changes behind", limit)
-                return
-            events.put_nowait(event)
-
-        def feed(event: AdapterEvent) -> None:
-            # Changes are made on the loop today; a thread-safe hand-off keeps a change made
-            # on another thread from corrupting the queue.
-            try:
-                on_loop = asyncio.get_running_loop() is loop
-            except RuntimeError:
-                on_loop = False
-            if on_loop:
-                put(event)
-            else:
-                loop.call_soon_threadsafe(put, event)
-
-        # Subscribe, then snapshot, with nothing in between that could yield to the loop:
-        # every change after the snapshot is in the queue, none before it.
-        unsubscribe = self._registry.subscribe(feed)
-        watch.snapshot = tuple(self._registry.statuses())
-        self._watches.add(events)
-        try:
+        with open_watch(
+            self._registry, self._config.max_watch_buffered_events, self._draining, self._watches
+        ) as watch:
             yield watch
-        finally:
-            self._watches.discard(events)
-            unsubscribe()
 
     def _end_watches(self) -> None:
         # Watches never finish on their own; ending them here lets a graceful stop complete
@@ -416,8 +379,25 @@ class Engine:
         self.check_admission(request)
         return self.submit_prepared(self.prepare(request), stream)
 
-    def submit_prepared(self, prepared: PreparedRequest, stream: bool = False) -> RequestHandle:
-        """Enqueue a prepared request (loop thread); never waits on the model."""
+    async def submit_async(self, request: GenerationRequest, stream: bool = False) -> RequestHandle:
+        """What the servicer calls: ``await_adapter``, ``prepare_async``, ``submit_prepared``.
+
+        Every refusal is raised here; after it, outcomes arrive through the handle.
+        """
+        await self.await_adapter(request.adapter, request.deadline)
+        prepared = await self.prepare_async(request)
+        return self.submit_prepared(prepared, stream)
+
+    def submit_prepared(
+        self,
+        prepared: PreparedRequest,
+        stream: bool = False,
+        handle_factory: HandleFactory = RequestHandle,
+    ) -> RequestHandle:
+        """Enqueue a prepared request (loop thread); never waits on the model.
+
+        ``handle_factory`` builds the handle (the engine process's forwards to the front).
+        """
         loop = self._loop
         request = prepared.request
         if loop is None or self._closed:
@@ -431,7 +411,7 @@ class Engine:
             raise AdapterNotFoundError(prepared.adapter.name, self._registry.names())
         batcher = self._batcher
         holder: list[Job] = []
-        handle = RequestHandle(
+        handle = handle_factory(
             request.request_id,
             stream,
             loop,
@@ -674,9 +654,69 @@ class Engine:
     def stats(self) -> EngineStats:
         return self._batcher.stats()
 
+    @property
+    def step_seconds(self) -> float:
+        """Recent model step time, as the queue-full retry hint uses it (``retry_after_s``)."""
+        return self._batcher.step_seconds
+
     def add_step_listener(self, listener: StepListener) -> Callable[[], None]:
         """Call ``listener(StepStats)`` on the worker thread after every model step (metrics).
 
         Returns the function that unsubscribes it. A listener must be quick and thread-safe.
         """
         return self._batcher.add_step_listener(listener)
+
+
+class _WatchedRegistry(Protocol):
+    def subscribe(self, listener: AdapterListener) -> Callable[[], None]: ...
+    def statuses(self) -> list[AdapterStatus]: ...
+
+
+@contextlib.contextmanager
+def open_watch(
+    registry: _WatchedRegistry,
+    limit: int,
+    draining: bool,
+    watches: set[asyncio.Queue[AdapterEvent | None]],
+) -> Iterator[AdapterWatch]:
+    """``watch_adapters`` over any registry (the engine's, or the front's mirror of it)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[AdapterEvent | None] = asyncio.Queue()
+    watch = AdapterWatch((), events)
+    if draining:
+        events.put_nowait(None)
+
+    def put(event: AdapterEvent) -> None:
+        if watch.dropped:
+            return
+        if events.qsize() >= limit:
+            watch.dropped = True
+            while not events.empty():
+                events.get_nowait()
+            events.put_nowait(None)
+            logger.warning("dropped an adapter watcher %d changes behind", limit)
+            return
+        events.put_nowait(event)
+
+    def feed(event: AdapterEvent) -> None:
+        # Changes are made on the loop today; a thread-safe hand-off keeps a change made
+        # on another thread from corrupting the queue.
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            put(event)
+        else:
+            loop.call_soon_threadsafe(put, event)
+
+    # Subscribe, then snapshot, with nothing in between that could yield to the loop:
+    # every change after the snapshot is in the queue, none before it.
+    unsubscribe = registry.subscribe(feed)
+    watch.snapshot = tuple(registry.statuses())
+    watches.add(events)
+    try:
+        yield watch
+    finally:
+        watches.discard(events)
+        unsubscribe()

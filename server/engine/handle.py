@@ -39,6 +39,7 @@ class RequestHandle:
         # Tokens delivered to the queue and not yet taken by the consumer; 0 = unbounded.
         self._max_buffered = max_buffered_tokens
         self._buffered = 0
+        self._done_callbacks: list[Callable[[], None]] = []
 
     # -- called on the loop thread only (directly or via call_soon_threadsafe) --
     def _deliver(self, event: TokenEvent) -> None:
@@ -81,6 +82,12 @@ class RequestHandle:
             self._future.set_result(outcome)
         if self._events is not None:
             self._events.put_nowait(None)
+        # Run now, not as future callbacks a loop iteration later: whatever reads the engine's
+        # state next (a caller woken by the result, the engine process's next message to the
+        # front) sees the request's bookkeeping (an adapter's in-flight count) already undone.
+        callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            callback()
 
     # -- public API --
     @property
@@ -137,7 +144,10 @@ class RequestHandle:
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the loop thread once the request has its outcome (any kind)."""
-        self._future.add_done_callback(lambda _future: callback())
+        if self._future.done():
+            callback()
+        else:
+            self._done_callbacks.append(callback)
 
     async def result(self) -> GenerationResult:
         # shield: a caller's task being cancelled must not cancel the shared future.
@@ -146,6 +156,13 @@ class RequestHandle:
     def cancel(self) -> None:
         """Queued: removed from the queue. Running: its rows stop at the next step."""
         self._on_cancel()
+
+
+# How ``Engine.submit_prepared`` builds a handle: (request_id, stream, loop, on_cancel,
+# max_buffered_tokens) -> handle.
+HandleFactory = Callable[
+    [str, bool, asyncio.AbstractEventLoop, Callable[[], None], int], RequestHandle
+]
 
 
 class Job:
