@@ -1,12 +1,13 @@
 """A 1000-call flood far beyond the queue: every call ends (none hangs), rejections are
 RESOURCE_EXHAUSTED QUEUE_FULL with a retry hint, and every admitted request completes.
 
-Two floods against one server, which runs in its own process (its event loop must not share
-a GIL with this client): a burst (all 1000 calls at once: how long the server takes to say
-no to all of them) and a sustained overload (1000 calls at 400/s: how long one refusal waits
-while the model runs). Time to first rejection and rejection p50/p99 are printed for the
-report (SECURITY.md, "Overload"); they are not asserted, timings on shared cores being noise.
-``bench/overload.py`` measures the same with the model idle, and the server's CPU per refusal.
+Two floods against one server (in its own process, so its event loop shares no GIL with
+this client), with the engine in-process and with ``--engine-process``: a burst (all 1000
+calls at once: how long the server takes to say no to all of them) and a sustained overload
+(1000 calls at 400/s: how long one refusal waits while the model runs). Time to first
+rejection and rejection p50/p99 are printed for the report (SECURITY.md, "Overload"); they
+are not asserted, timings on shared cores being noise. ``bench/overload.py`` measures the
+same with the model idle, and the server's CPU per refusal.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import pytest
 from grpc_status import rpc_status
 from peftserve.v1 import generation_pb2 as pb
 from peftserve.v1 import generation_pb2_grpc as pb_grpc
@@ -88,9 +90,17 @@ async def _floods(address: str) -> tuple[Flood, Flood]:
     return burst, sustained
 
 
-def test_flood_beyond_queue_capacity() -> None:
+@pytest.mark.parametrize("engine_process", ["false", "true"])
+def test_flood_beyond_queue_capacity(engine_process: str) -> None:
     process, address = start_subprocess(
-        "--max-queue-size", str(QUEUE), "--max-batch-size", "4", "--log-level", "WARNING"
+        "--max-queue-size",
+        str(QUEUE),
+        "--max-batch-size",
+        "4",
+        "--log-level",
+        "WARNING",
+        "--engine-process",
+        engine_process,
     )
     try:
         burst, sustained = asyncio.run(_floods(address))
@@ -101,7 +111,8 @@ def test_flood_beyond_queue_capacity() -> None:
         assert flood.ok + len(flood.rejection_ms) == FLOOD, "every call ended"
         assert flood.ok >= QUEUE, "at least a queue's worth of requests is admitted"
         assert len(flood.rejection_ms) >= FLOOD // 2, "most of the flood is rejected"
+    mode = "engine process" if engine_process == "true" else "in-process"
     print(
-        f"\n{burst.report(f'burst of {FLOOD} (queue {QUEUE})')}"
-        f"\n{sustained.report(f'{FLOOD} at {SUSTAINED_RATE:.0f}/s')}"
+        f"\n{mode}: {burst.report(f'burst of {FLOOD} (queue {QUEUE})')}"
+        f"\n{mode}: {sustained.report(f'{FLOOD} at {SUSTAINED_RATE:.0f}/s')}"
     )
