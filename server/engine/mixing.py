@@ -12,8 +12,8 @@ kind                   other        base rows   same adapter  why
 LoRA (plain, rsLoRA,   yes*         yes*        yes           routed per row on the routed
 all-linear, embed /                                           tree (``routing.py``); equal to
 lm_head targets)                                              solo
-LoHa, LoKr (Linear     yes*         yes*        yes           routed per row on the routed
-layers)                                                       tree, in the same forward as
+LoHa, LoKr, IA3        yes*         yes*        yes           routed per row on the routed
+(Linear layers)                                               tree, in the same forward as
                                                               LoRA rows; equal to solo
 LoRA + DoRA            no           no          yes           no routing for DoRA's weight
                                                               norm (peft refuses it as well)
@@ -23,8 +23,8 @@ LoRA + modules_to_save no           no          yes           mixed: ``KeyError`
 LoRA on parameters     no           no          yes           ``ParamWrapper`` has no mixed
 (``target_parameters``)                                       batches
 aLoRA                  no           no          yes           per-row invocation offsets
-IA3, any other         no           no          yes           no routing (peft's
-non-prompt type                                               ``adapter_names`` ignores it)
+any other non-prompt   no           no          yes           no routing (peft's
+type (VeRA, OFT, ...)                                         ``adapter_names`` ignores it)
 prompt / p-tuning      no           no          same prompt   left padding shifts the virtual
                                                 length only   tokens: not batch-invariant
 prefix tuning          no           no          same prompt   as above; refused where
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Non-LoRA types whose (Linear) layers the routed tree routes per row (``routing.py``).
-ROUTED_TYPES = frozenset({"LOHA", "LOKR"})
+ROUTED_TYPES = frozenset({"LOHA", "LOKR", "IA3"})
 PROMPT_LEARNING_TYPES = frozenset(
     {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
 )

@@ -9,7 +9,8 @@ so each of their adapters cost a forward of its own, base weights included.
 Here one plain module tree over the base model's tensors (``share_weights_copy``: no weight
 is copied) has every adapted leaf module replaced by a ``RoutedLayer``: its base module plus,
 per adapter, a function computing exactly what that adapter's own peft layer computes after
-its base call in a solo forward (same ops, same order, same dtype casts), reading the weights
+its base call in a solo forward (same ops, same order, same dtype casts; IA3 scales its rows'
+output, or on a feedforward module its rows' input to the base module), reading the weights
 of the peft layer of the adapter's type group (no copy either). The row assignment is made
 once per forward (``Routing.assign``: per adapter an index tensor, or a slice where its rows
 are contiguous, or "all rows"), and every layer reads it. Each row therefore gets the numbers
@@ -17,8 +18,8 @@ its solo forward computes; the fidelity tests (``tests/engine/test_fidelity.py``
 ``tests/families``) check it token by token.
 
 Routable: the peft layer classes in ``_DELTAS`` (LoRA ``Linear``/``Embedding`` without a
-variant such as DoRA, LoHa and LoKr ``Linear``) in eval mode; an adapter with any other layer
-(convolutions, peft's ``ParamWrapper`` over expert parameters, IA3) is not routable and keeps
+variant such as DoRA; LoHa, LoKr and IA3 ``Linear``) in eval mode; an adapter with any other
+layer (convolutions, peft's ``ParamWrapper`` over expert parameters) is not routable and keeps
 its own sub-batch (``mixing.py``). A layer fed flattened tokens (OPT's MLP) sees more input
 rows than the forward has: it raises ``RoutingError`` rather than route wrong rows, which the
 registry's load-time probe turns into "served alone".
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.tuners.ia3 import layer as ia3_layer
 from peft.tuners.loha import layer as loha_layer
 from peft.tuners.lokr import layer as lokr_layer
 from peft.tuners.lora import layer as lora_layer
@@ -89,12 +91,32 @@ class Routing:
 
 @dataclass(frozen=True)
 class Delta:
-    """One adapter on one layer: ``increment(x)`` is what its solo forward adds to the base
-    result; the sum is then cast to the base result's dtype (LoRA) or the input's (LyCORIS)."""
+    """One adapter on one layer, as its solo forward applies it around the base call.
 
-    increment: Callable[[torch.Tensor], torch.Tensor]
+    Additive (LoRA, LoHa, LoKr): ``increment(x)`` is added to the base result, the sum then
+    cast to the base result's dtype (LoRA) or the input's (LyCORIS). Multiplicative (IA3):
+    ``output_scale`` maps the rows' base result to their output, or ``input_scale`` maps the
+    rows' input to what the base layer is fed instead (IA3 on a feedforward module).
+    """
+
+    increment: Callable[[torch.Tensor], torch.Tensor] | None = None
     to_input_dtype: bool = False
+    output_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
     cached_bytes: int = 0
+
+
+def _replace_rows(
+    tensor: torch.Tensor, rows: Rows, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``tensor`` with ``rows`` replaced by ``fn`` of them (in place where they are a part)."""
+    if rows is None:
+        return fn(tensor)
+    if isinstance(rows, slice):
+        tensor[rows] = fn(tensor[rows])
+    else:
+        tensor.index_copy_(0, rows, fn(tensor.index_select(0, rows)))
+    return tensor
 
 
 class RoutedLayer(nn.Module):
@@ -104,24 +126,52 @@ class RoutedLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.deltas: dict[str, Delta] = {}
+        self.scales_input = False  # some adapter here transforms the base layer's input
         self._routing = routing
 
+    def set_delta(self, name: str, delta: Delta | None) -> None:
+        if delta is None:
+            self.deltas.pop(name, None)
+        else:
+            self.deltas[name] = delta
+        self.scales_input = any(d.input_scale is not None for d in self.deltas.values())
+
+    def _check_rows(self, x: torch.Tensor, rows: Rows) -> None:
+        if rows is not None and x.shape[0] != self._routing.rows:
+            raise RoutingError(
+                f"a routed layer got {x.shape[0]} input rows for a forward of "
+                f"{self._routing.rows} rows (flattened tokens?)"
+            )
+
+    def _base_input(self, x: torch.Tensor) -> torch.Tensor:
+        fed = x
+        for name, rows in self._routing.groups:
+            delta = self.deltas.get(name)
+            if delta is None or delta.input_scale is None:
+                continue
+            self._check_rows(x, rows)
+            if rows is not None and fed is x:
+                fed = x.clone()  # the other rows keep their input exactly
+            fed = _replace_rows(fed, rows, delta.input_scale)
+        return fed
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        routing = self._routing
-        for name, rows in routing.groups:
+        fed = self._base_input(x) if self.scales_input else x
+        result: torch.Tensor = self.base_layer(fed, *args, **kwargs)
+        for name, rows in self._routing.groups:
             delta = self.deltas.get(name)
             if delta is None:
                 continue  # this adapter does not target this module
+            self._check_rows(x, rows)
+            if delta.output_scale is not None:
+                result = _replace_rows(result, rows, delta.output_scale)
+                continue
+            if delta.increment is None:
+                continue  # applied to the base layer's input
             dtype = x.dtype if delta.to_input_dtype else result.dtype
             if rows is None:
                 result = (result + delta.increment(x)).to(dtype)
                 continue
-            if x.shape[0] != routing.rows:
-                raise RoutingError(
-                    f"a routed layer got {x.shape[0]} input rows for a forward of "
-                    f"{routing.rows} rows (flattened tokens?)"
-                )
             if isinstance(rows, slice):
                 increment = delta.increment(x[rows])
                 if increment.dtype == result.dtype == dtype:
@@ -202,11 +252,31 @@ def _lycoris_linear(layer: Any, name: str, cache_budget: int) -> Delta | None:
     return Delta(increment, to_input_dtype=True)
 
 
+def _ia3_linear(layer: Any, name: str, cache_budget: int) -> Delta | None:
+    """IA3 ``Linear`` (also over GPT-2's ``Conv1D``) with one active adapter, as its forward."""
+    if name not in layer.ia3_l:
+        return None
+    vector = layer.ia3_l[name]
+
+    if layer.is_feedforward:
+
+        def scale_input(x: torch.Tensor) -> torch.Tensor:
+            return (x.to(vector.dtype) * (1 * vector.flatten())).to(x.dtype)
+
+        return Delta(input_scale=scale_input)
+
+    def scale_output(result: torch.Tensor) -> torch.Tensor:
+        return (result * (1 * vector.flatten())).to(result.dtype)
+
+    return Delta(output_scale=scale_output)
+
+
 _DELTAS: dict[type, Callable[[Any, str, int], Delta | None]] = {
     lora_layer.Linear: _lora_linear,
     lora_layer.Embedding: _lora_embedding,
     loha_layer.Linear: _lycoris_linear,
     lokr_layer.Linear: _lycoris_linear,
+    ia3_layer.Linear: _ia3_linear,
 }
 
 
@@ -264,7 +334,7 @@ class RoutedTree:
                 routed = self._wrap(path)
             delta = _DELTAS[type(layer)](layer, name, self.delta_cache_bytes - self.cached_bytes())
             assert delta is not None, path
-            routed.deltas[name] = delta
+            routed.set_delta(name, delta)
         self.adapters.add(name)
         self.routing.clear()
 
@@ -272,7 +342,7 @@ class RoutedTree:
         """Stop routing ``name``; a layer left with no adapter gets its plain module back."""
         for path in list(self.layers):
             routed = self.layers[path]
-            routed.deltas.pop(name, None)
+            routed.set_delta(name, None)
             if not routed.deltas:
                 self._unwrap(path)
         self.adapters.discard(name)

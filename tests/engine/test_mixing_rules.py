@@ -46,7 +46,8 @@ from peftserve.server.engine.mixing import rule_for
         ({"peft_type": "LORA", "alora_invocation_tokens": [5]}, "lora+alora", False, False, False),
         ({"peft_type": "LOHA"}, "loha", True, False, False),
         ({"peft_type": "LOKR"}, "lokr", True, False, False),
-        ({"peft_type": "IA3"}, "ia3", False, False, False),
+        ({"peft_type": "IA3"}, "ia3", True, False, False),
+        ({"peft_type": "VERA"}, "vera", False, False, False),
         (
             {"peft_type": "LOHA", "modules_to_save": ["lm_head"]},
             "loha+modules_to_save",

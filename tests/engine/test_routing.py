@@ -1,14 +1,15 @@
 """Per-row adapter routing (server/engine/routing.py): many adapters and base rows, one forward.
 
-On the demo model plus random extra adapters (two more LoRA, a LoKr and an IA3), built once:
+On the demo model plus random extra adapters (two more LoRA, a LoKr, an IA3 and a DoRA LoRA),
+built once:
 
-* the routed tree alone: rows of four LoRA adapters, a LoHa, a LoKr and base rows interleaved
-  (and contiguous, and all of one adapter) in one forward give each row the logits of its solo
-  forward;
+* the routed tree alone: rows of four LoRA adapters, a LoHa, a LoKr, an IA3 and base rows
+  interleaved (and contiguous, and all of one adapter) in one forward give each row the logits
+  of its solo forward;
 * the engine: concurrent requests on every adapter and on base, interleaved, return the tokens
-  of a solo ``PeftModel.generate``, and the rows of routed adapters (LoRA, LoHa and LoKr)
+  of a solo ``PeftModel.generate``, and the rows of routed adapters (LoRA, LoHa, LoKr, IA3)
   shared their forwards;
-* what cannot be routed (IA3 here) is refused by ``RoutedTree.why_not`` and served alone.
+* what cannot be routed (DoRA here) is refused by ``RoutedTree.why_not`` and served alone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformers import AutoModelForCausalLM
 from .conftest import DEMO, ModelFiles, Reference, engine_config
 
 LORA = ("upper", "reverse", "lora3", "lora4")
-OTHER_ROUTED = ("title", "kron")  # LoHa, LoKr
+OTHER_ROUTED = ("title", "kron", "scale")  # LoHa, LoKr, IA3 (scales the MLP input and k/v)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -44,6 +45,9 @@ def _extra_configs() -> dict[str, Any]:
             r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False
         ),
         "kron": LoKrConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False),
+        "dora": LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, init_lora_weights=False
+        ),
         "scale": IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"],
             feedforward_modules=["down_proj"],
@@ -130,22 +134,25 @@ def _solo_logits(trees: Trees, name: str, ids: torch.Tensor) -> torch.Tensor:
                 "lora3",
                 "kron",
                 "upper",
+                "scale",
                 "lora4",
                 BASE_ROW_MARKER,
                 "title",
                 "lora3",
                 "reverse",
                 "kron",
+                "scale",
                 "lora4",
             ],
             id="interleaved",
         ),
         pytest.param(
-            ["upper", "upper", "title", "title", BASE_ROW_MARKER, "lora3", "kron", "lora4"],
+            ["upper", "upper", "title", "title", "scale", "scale", BASE_ROW_MARKER, "kron"],
             id="contiguous",
         ),
         pytest.param(["lora4"] * 3, id="one-adapter"),
         pytest.param(["kron"] * 3, id="one-lokr-adapter"),
+        pytest.param(["scale"] * 3, id="one-ia3-adapter"),
     ],
 )
 def test_each_routed_row_gets_its_solo_logits(trees: Trees, names: list[str]) -> None:
@@ -164,10 +171,10 @@ def test_each_routed_row_gets_its_solo_logits(trees: Trees, names: list[str]) ->
             assert not torch.allclose(routed[i], base), name
 
 
-def test_ia3_is_not_routable_and_a_removed_adapter_unwraps(files: ModelFiles) -> None:
+def test_dora_is_not_routable_and_a_removed_adapter_unwraps(files: ModelFiles) -> None:
     base = AutoModelForCausalLM.from_pretrained(files.base, dtype=torch.float32).eval()
-    ia3 = PeftModel.from_pretrained(share_weights_copy(base), files.adapters / "scale").eval()
-    assert "has no routing" in RoutedTree.why_not(ia3, "default")
+    dora = PeftModel.from_pretrained(share_weights_copy(base), files.adapters / "dora").eval()
+    assert "cannot be routed" in RoutedTree.why_not(dora, "default")
     lora = PeftModel.from_pretrained(share_weights_copy(base), files.adapters / "lora4").eval()
     tree = RoutedTree(share_weights_copy(base))
     tree.add(lora, "default")
@@ -194,8 +201,9 @@ def test_interleaved_requests_of_many_adapters_equal_solo_and_share_forwards(
     infos = {a.name: a for a in engine.adapters()}
     routed = sorted(n for n, a in infos.items() if a.mixed_batching)
     assert set(routed) == {*LORA, *OTHER_ROUTED}
-    assert not infos["scale"].mixed_batching
+    assert not infos["dora"].mixed_batching
     order = ["upper", "", "reverse", "lora3", "title", "upper", "lora4", "", "kron", "scale"]
+    order += ["dora", "scale"]
     order += ["lora3", "reverse", "", "lora4"]
     requests = [
         GenerationRequest(

@@ -1,15 +1,16 @@
 """The mixing table (server/engine/mixing.py), decided here: each adapter kind's batching on
 three families that differ where it matters, served for real.
 
-* Llama: plain LoRA, rsLoRA, LoRA on ``embed_tokens``/``lm_head``, LoHa and LoKr mix with
-  each other and with base rows (the routed tree); DoRA, modules_to_save, IA3 and prompt
+* Llama: plain LoRA, rsLoRA, LoRA on ``embed_tokens``/``lm_head``, LoHa, LoKr and IA3 mix
+  with each other and with base rows (the routed tree); DoRA, modules_to_save and prompt
   tuning run alone; prefix tuning is refused at load (``generate`` ignores it with the pinned
   versions).
-* OPT: its MLP sees flattened tokens, so all-linear LoRA, LoHa and LoKr fail per-row routing:
+* OPT: its MLP sees flattened tokens, so all-linear LoRA, LoHa, LoKr and IA3 (on ``fc2``) fail
+  per-row routing:
   the load-time probe serves those adapters alone (LoRA on embeddings/head still mixes).
 * Mixtral: all-linear LoRA reaches the experts' parameters (peft ``ParamWrapper``, no mixed
-  batches): served alone as well; all-linear LoHa/LoKr reach only ``Linear`` modules, which
-  see one row per batch row: they mix.
+  batches): served alone as well; all-linear LoHa/LoKr (and IA3) reach only ``Linear``
+  modules, which see one row per batch row: they mix.
 
 Every served adapter, run alone and all concurrently, equals its solo ``PeftModel.generate``;
 nothing is FAILED except what the table refuses. A LoRA on ``lm_head`` and a modules_to_save
@@ -43,9 +44,9 @@ KINDS = {
 }
 # family -> (adapters served mixed, adapters refused at load); every other one runs alone.
 TABLE: dict[str, tuple[set[str], set[str]]] = {
-    "llama": ({"lora", "rslora", "embhead", "loha", "lokr"}, {"prefix"}),
+    "llama": ({"lora", "rslora", "embhead", "loha", "lokr", "ia3"}, {"prefix"}),
     "opt": ({"embhead"}, set()),
-    "mixtral": ({"embhead", "loha", "lokr"}, {"prefix"}),
+    "mixtral": ({"embhead", "loha", "lokr", "ia3"}, {"prefix"}),
 }
 UNBUILDABLE = {"mixtral": {"dora"}}  # peft: "lora.ParamWrapper does not work with use_dora"
 
