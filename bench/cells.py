@@ -112,7 +112,8 @@ def machine_cpu_s() -> float | None:
 
 
 def process_cpu_s(pid: int | None = None) -> float | None:
-    """CPU seconds (user + system, all threads) used so far by ``pid`` (default: this process).
+    """CPU seconds (user + system, all threads) used so far by ``pid`` (default: this process)
+    and, for a server, by its child processes (the engine process of ``--engine-process``).
 
     On a machine with few cores the load generator and the server share the CPU, so how much
     each used is part of the result.
@@ -120,12 +121,28 @@ def process_cpu_s(pid: int | None = None) -> float | None:
     if pid is None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    stats = _proc_stats()
+    if pid not in stats:
         return None
-    # utime and stime are fields 14 and 15 of /proc/PID/stat, in clock ticks.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # A server's children are part of it: the engine process does its model work.
+    ticks = stats[pid][1] + sum(t for ppid, t in stats.values() if ppid == pid)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, utime + stime in clock ticks) of every process."""
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command: state, ppid, ...; utime and stime are fields 14 and 15 of
+        # /proc/PID/stat, in clock ticks.
+        stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return stats
 
 
 @dataclass

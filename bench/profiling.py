@@ -36,6 +36,7 @@ __all__ = [
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 # py-spy --threads puts the thread first: "thread (TID): NAME", or "thread (TID)" when unnamed.
 THREAD_FRAME = re.compile(r"^thread \((?P<tid>[^)]*)\)(?::\s*(?P<name>.*))?$")
+PROCESS_FRAME = re.compile(r'^process \d+:".*"$')
 WORKER_THREAD_NAME = "peftserve-engine"
 # A frame of this file means the sample is inside a module's forward (the model, its layers,
 # the adapters' layers): the work the engine exists to feed, not the engine's own.
@@ -92,6 +93,10 @@ def _read_stacks(path: Path) -> list[tuple[str, list[tuple[str, str]], int]]:
         if not stack or not count_text.isdigit():
             continue
         parts = [f for f in stack.split(";") if f]
+        # --subprocesses puts the process chain first ("process PID:CMD"): the engine process
+        # of --engine-process is sampled too; its worker thread has the same name.
+        while parts and PROCESS_FRAME.match(parts[0].strip()):
+            parts = parts[1:]
         thread = ""
         if parts and (match := THREAD_FRAME.match(parts[0].strip())):
             thread = match.group("name") or match.group("tid")
@@ -229,6 +234,8 @@ class PySpyRecorder:
                 "--nonblocking",
                 # Thread names in each stack: the worker's share is computed from them.
                 "--threads",
+                # The engine process (--engine-process) is a child of the server's.
+                "--subprocesses",
                 "--output",
                 str(self.out_path),
             ],

@@ -120,6 +120,7 @@ class Batcher:
         self._prefills: list[Prefill] = []
         self._generate_waiting: list[Job] = []
         self._finished: list[Job] = []  # done in this iteration, outcome not yet published
+        self._step_events: list[Job] = []  # jobs with events of this iteration's step
         self._oom_retrying: set[Job] = set()
 
     @property
@@ -343,6 +344,9 @@ class Batcher:
             # Outside the except clause: only now are the failed step's frames (activations,
             # caches) released, so memory can really be returned before anything is retried.
             self._recover_from_oom()
+        events, self._step_events = self._step_events, []
+        if events:
+            flush_events(events)
         self._publish_finished()
 
     def _step_jobs(self) -> list[Job]:
@@ -450,7 +454,9 @@ class Batcher:
         # Newly prefilled rows join the running batch (merged where exact, one merge per cohort).
         self._batch.add([f.batch for f, _ in forwards if f.new])
         self._leave_and_move()
-        flush_events(list(dict.fromkeys(row.job for row in rows)))
+        # Handed to the event loop once this step's StepStats is reported (_iterate): whoever
+        # sees a token can count the step that made it (the engine process sends both at once).
+        self._step_events = list(dict.fromkeys(row.job for row in rows))
         seconds = time.monotonic() - started
         self._step_seconds_ema = 0.9 * self._step_seconds_ema + 0.1 * seconds
         if len(self._oom_retrying) == 0:

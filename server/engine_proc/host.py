@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import inspect
 import logging
+import os
 import pickle
 import queue
 import signal
@@ -36,6 +38,12 @@ from ..logs import configure_logging
 from . import wire
 
 logger = logging.getLogger("peftserve.engine_proc")
+
+# A step that produced no event or outcome (unary rows decoding) is reported to the front
+# at most this late: its StepStats, and the engine's queue count and stats with it.
+STEPS_FLUSH_S = 0.02
+# How often the host checks that the front is still its parent.
+PARENT_CHECK_S = 1.0
 
 
 class _ForwardingHandle(RequestHandle):
@@ -85,16 +93,34 @@ class EngineHost:
         self._flush_scheduled = False
         self._usage_dirty = False
         self._usage: dict[str, tuple[int, float | None]] = {}
+        # StepStats from the worker thread (deque: appends and pops are thread-safe).
+        self._steps: collections.deque[StepStats] = collections.deque()
+        self._steps_wake = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._sendq: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write, name="peftserve-ipc-writer")
+        # A daemon: an exit must never wait on a send to a front that is gone.
+        self._writer = threading.Thread(
+            target=self._write, name="peftserve-ipc-writer", daemon=True
+        )
+        self._parent = os.getppid()
 
     def start(self) -> None:
         self._engine.subscribe_adapters(self._adapter_event)
         self._engine.add_step_listener(self._step)
         self._writer.start()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._loop.call_later(PARENT_CHECK_S, self._check_parent)
+
+    def _check_parent(self) -> None:
+        """Besides end of file on the socket: a front that died leaves us re-parented."""
+        if self._stopping:
+            return
+        if os.getppid() != self._parent:
+            logger.warning("the front process is gone; stopping the engine")
+            self._spawn(self._stop(reply_to=None))
+            return
+        self._loop.call_later(PARENT_CHECK_S, self._check_parent)
 
     # ---- the outbox (loop thread) ----
     def _new_output(self) -> wire.Output:
@@ -130,11 +156,12 @@ class EngineHost:
             self._loop.call_soon_threadsafe(self._adapter_event, event)
 
     def _step(self, step: StepStats) -> None:  # worker thread
-        self._loop.call_soon_threadsafe(self._add_step, step)
-
-    def _add_step(self, step: StepStats) -> None:
-        self._out.steps.append(step)
-        self._schedule()
+        # No wake-up per step: a step's events and outcomes (published after its StepStats)
+        # carry it; a step with neither is sent within STEPS_FLUSH_S, with the state.
+        self._steps.append(step)
+        if not self._steps_wake:
+            self._steps_wake = True
+            self._loop.call_soon_threadsafe(self._loop.call_later, STEPS_FLUSH_S, self._schedule)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -143,6 +170,9 @@ class EngineHost:
         out.waiting = out.stats.queued + len(self._submitting)
         out.seen = self._seen
         out.step_seconds = self._engine.step_seconds
+        self._steps_wake = False
+        while self._steps:
+            out.steps.append(self._steps.popleft())
         if self._usage_dirty:
             self._usage_dirty = False
             usage = {s.name: (s.in_flight, s.last_used) for s in self._engine.adapter_statuses()}
@@ -293,7 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     kind, config = conn.recv()
     if kind != wire.CONFIG:
         raise SystemExit(f"expected {wire.CONFIG!r} first, got {kind!r}")
-    return asyncio.run(_serve(conn, config))
+    code = asyncio.run(_serve(conn, config))
+    # The engine has stopped and the front has its last message; leave now. Not through the
+    # interpreter's exit: its logging.shutdown waits for handler locks, and the JSON log's
+    # stderr relay thread can hold one for ever once stderr's reader is gone (seen after a
+    # killed front: the process never exited).
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

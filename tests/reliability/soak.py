@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    server = ServerThread()
+    server = ServerThread(engine_process=False)  # leftover_bookkeeping reads the batcher
     server.wait_ready()
     try:
         # Warm-up long enough for allocator pools and caches to settle, so growth after it

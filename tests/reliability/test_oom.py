@@ -25,7 +25,7 @@ PROMPTS = ["red fox", "lazy dog", "over the moon", "hello world"]
 
 @pytest.fixture
 def server() -> Any:
-    server = ServerThread(max_wait_ms=100.0)
+    server = ServerThread(max_wait_ms=100.0, engine_process=False)  # faults in the step
     server.wait_ready()
     yield server
     server.stop()

@@ -9,7 +9,7 @@ from .soak import EXPECTED_OUTCOMES, leftover_bookkeeping, rss_bytes, run_soak, 
 
 
 def test_quick_soak_leaves_no_state_and_no_growth() -> None:
-    server = ServerThread()
+    server = ServerThread(engine_process=False)  # reads the batcher's bookkeeping
     server.wait_ready()
     try:
         asyncio.run(run_soak(server.address, requests=150, concurrency=32, seed=1))  # warm-up

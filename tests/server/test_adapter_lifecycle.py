@@ -277,7 +277,7 @@ def test_watch_ends_normally_when_the_server_stops(tmp_path: Path) -> None:
 
 def test_unload_waits_for_in_flight_requests(tmp_path: Path, server_factory: Any) -> None:
     root = make_root(tmp_path, "upper")
-    server = server_factory(adapters_dir=root)
+    server = server_factory(adapters_dir=root, engine_process=False)  # reaches the worker
     # Hold the worker thread between batches, so the request below stays admitted (in flight)
     # until the test says so: no race against how fast this machine generates.
     gate = threading.Event()

@@ -193,7 +193,7 @@ def test_cancel_mid_stream_frees_the_row(tight_server: ServerThread) -> None:
 
 
 def test_unexpected_failure_is_internal_without_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    server = ServerThread()
+    server = ServerThread(engine_process=False)  # the fault is injected into the engine object
     server.wait_ready()
     try:
         engine = server.server.engine()
@@ -246,7 +246,7 @@ def test_requests_while_loading_are_unavailable(monkeypatch: pytest.MonkeyPatch)
         return Engine(config)
 
     monkeypatch.setattr(app, "Engine", slow_engine)
-    server = ServerThread()
+    server = ServerThread(engine_process=False)  # the in-process load is the one held
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)

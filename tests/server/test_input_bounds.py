@@ -41,7 +41,8 @@ class SpyTokenizer:
 
 @pytest.fixture(scope="module")
 def spied() -> Iterator[tuple[ServerThread, SpyTokenizer]]:
-    server = ServerThread()
+    # In-process: the spy replaces the engine's tokenizer object.
+    server = ServerThread(engine_process=False)
     server.wait_ready()
     engine = server.server.engine()
     spy = SpyTokenizer(engine._tokenizer)

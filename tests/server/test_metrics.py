@@ -227,7 +227,11 @@ def test_inference_extension_metrics_follow_the_running_batch() -> None:
     """The protocol's gauges under their documented names move with real load, and the adapter
     labels name exactly the adapters of the running and of the waiting requests."""
     server = ServerThread(
-        metrics_address="127.0.0.1:0", max_batch_size=2, max_wait_ms=200, max_loaded_adapters=5
+        metrics_address="127.0.0.1:0",
+        max_batch_size=2,
+        max_wait_ms=200,
+        max_loaded_adapters=5,
+        engine_process=False,  # the step listener below must run on the worker thread
     )
     # Slow every model step down (on the worker thread, through the public step listener) so
     # the states below last far longer than a scrape on any machine; nothing is timed.

@@ -67,11 +67,11 @@ from .test_structured import (
 
 @pytest.fixture(scope="module", autouse=True)
 def engine_process_mode() -> Iterator[None]:
-    ServerThread.engine_process_default = True
+    previous, ServerThread.engine_process_default = ServerThread.engine_process_default, True
     try:
         yield
     finally:
-        ServerThread.engine_process_default = False
+        ServerThread.engine_process_default = previous
 
 
 # The session's shared server is in-process: this module has its own, in this mode.
