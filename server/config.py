@@ -74,8 +74,9 @@ class ServerConfig:
     # host:port of the Prometheus /metrics HTTP endpoint; "" = no metrics endpoint.
     metrics_address: str = ""
     # Run the engine (model, decode loop, adapters) in a child process of its own, so the
-    # gRPC front and the model loop do not share one GIL (docs/engine.md "Engine process").
-    engine_process: bool = False
+    # gRPC front and the model loop do not share one GIL (docs/engine.md "Engine process");
+    # false: in the server's own process (tests that inject faults into the engine object).
+    engine_process: bool = True
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,12 @@ T = TypeVar("T")
 class ServerThread:
     """A real peftserve server running on its own event loop in a background thread."""
 
-    # The engine mode of servers that do not choose one: test modules that run the server's
-    # tests again with the engine in a process of its own switch it (tests/server/
-    # test_process_mode.py); tests that inject faults into the engine in-process pin False.
-    engine_process_default = False
+    # The engine mode of servers that do not choose one. In-process by default here, unlike
+    # the CLI (each engine process costs seconds of start-up, and most tests are about the
+    # servicer): tests/server/test_process_mode.py switches it and runs the server's tests
+    # again with the engine in its own process, and PEFTSERVE_TEST_ENGINE_PROCESS=1 runs the
+    # whole suite so; tests that inject faults into the engine object pin False.
+    engine_process_default = os.environ.get("PEFTSERVE_TEST_ENGINE_PROCESS", "") == "1"
 
     def __init__(self, **overrides: Any) -> None:
         from peftserve.server.config import ServerConfig
