@@ -36,7 +36,7 @@ def server() -> Iterator[ServerThread]:
     if not (DEMO_MODEL / "config.json").is_file():
         pytest.skip("models/demo is not present")
     # A long wait so the three concurrent requests form one mixed batch.
-    server = ServerThread(max_wait_ms=300.0)
+    server = ServerThread(max_wait_ms=300.0, engine_process=False)  # faults in the engine
     server.wait_ready()
     yield server
     server.stop()
