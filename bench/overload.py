@@ -49,7 +49,7 @@ from peftserve.v1 import generation_pb2_grpc as pb_grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.servers import ServerProcess, child_env  # noqa: E402
+from bench.servers import ServerProcess, child_env, peftserve_command  # noqa: E402
 
 DEMO_MODEL = REPO / "models" / "demo" / "base"
 DEMO_ADAPTERS = REPO / "models" / "demo" / "adapters"
@@ -204,28 +204,23 @@ def run_once(
     rate: float = 0.0,
     pythonpath: str = "",
 ) -> str:
+    # The bench's own server command; the flags after it win (argparse keeps the last value).
     command = (
         [sys.executable, __file__, "--serve-floor"]
         if mode == "floor"
-        else [
-            sys.executable,
-            "-m",
-            "peftserve.server",
-            "--address",
-            "127.0.0.1:0",
-            "--model-path",
-            str(DEMO_MODEL),
-            "--adapters-dir",
-            str(DEMO_ADAPTERS),
-            "--log-format",
-            "json",
-            "--log-level",
-            "WARNING",
-            "--max-queue-size",
-            str(queue),
-            *MODES[mode],
-            *server_args,
-        ]
+        else peftserve_command(
+            DEMO_MODEL,
+            DEMO_ADAPTERS,
+            max_batch_size=4,
+            extra_args=[
+                "--log-level",
+                "WARNING",
+                "--max-queue-size",
+                str(queue),
+                *MODES[mode],
+                *server_args,
+            ],
+        )
     )
     log = (
         Path(tempfile.gettempdir())
