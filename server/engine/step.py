@@ -12,6 +12,10 @@ when the active adapter changes: peft's ``set_adapter`` walks every module). Whi
 is running through ``generate`` on a group's model (``lend``), the loop never switches that
 model's active adapter: rows of another non-mixable adapter of that group wait. The routed tree
 shares no state with the group models, so its rows never wait for a beam search.
+
+The forward itself is ``fastpath.FastForwards.run`` where it applies (Llama-style decoders:
+the same torch ops as the model's forward, without transformers' per-call machinery; it
+refuses itself for anything it does not reproduce bit for bit), else the model's own.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .fastpath import FastForwards
 from .peft_guard import guard_models
 from .registry import BASE_ROW_MARKER, ROUTED_GROUP, AdapterRegistry
 from .rows import Row
@@ -44,6 +49,8 @@ class ModelStep:
         self.takes_position_ids = "position_ids" in params
         self.takes_logits_to_keep = "logits_to_keep" in params
         self.model_config = base.config
+        # The bit-identical fast forward (decided per model at its first forward).
+        self.fast = FastForwards(enabled=self.takes_position_ids and self.takes_logits_to_keep)
         # (model, adapter) a running beam search's generate is using; None when no beam runs.
         self._lent: tuple[Any, str | None] | None = None
 
@@ -104,15 +111,18 @@ class ModelStep:
             kwargs["logits_to_keep"] = 1
         # Whatever the forward raises, no hook or active-adapter change survives it.
         with guard_models(self.registry.models()), torch.inference_mode():
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                cache=cache,
-                use_cache=True,
-                return_dict=True,
-                **kwargs,
-            )
-        return out.logits[:, -1].to(copy=True, dtype=torch.float32)
+            logits = self.fast.run(model, input_ids, attention_mask, position_ids, cache)
+            if logits is None:
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    cache=cache,
+                    use_cache=True,
+                    return_dict=True,
+                    **kwargs,
+                )
+                logits = out.logits
+        return logits[:, -1].to(copy=True, dtype=torch.float32)
 
 
 def prefill_inputs(
