@@ -20,10 +20,14 @@ are done; tokens/s per cache kind, the kinds alternating ``--loop-rounds`` times
 Each cell is measured for each ``--caches`` kind, the kinds alternating repeat by repeat:
 ``slot`` is the engine's cache (``kv_cache.new_cache``: slot layers written in place),
 ``dynamic`` is transformers' plain ``DynamicCache`` (``torch.cat`` every step, a copy of the
-whole sub-batch on a join or leave), what the loop used before.
+whole sub-batch on a join or leave), what the loop used before. ``--forward fast,model``
+crosses them with the forward: ``fast`` is the step's bit-identical fast forward
+(``fastpath.py``, the default), ``model`` the model's own forward (kinds then read
+``slot/fast``, ``slot/model``, ...), all alternating in one run.
 Medians of ``--repeats`` runs. Usage:
 ``python bench/loop_costs.py [--rows 1,8,32] [--width 64] [--prompt 32] [--repeats 30]
-[--threads 1] [--caches slot,dynamic] [--clients 64 --loop-requests 256 --loop-rounds 2]``.
+[--threads 1] [--caches slot,dynamic] [--forward fast,model]
+[--clients 64 --loop-requests 256 --loop-rounds 2]``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import copy
 import cProfile
+import os
 import pstats
 import random
 import statistics
@@ -85,8 +90,16 @@ def _none() -> None:
     return None
 
 
+def _cache_kind(kind: str) -> str:
+    return kind.split("/")[0]
+
+
+def _forward_kind(kind: str) -> str:
+    return kind.split("/")[1] if "/" in kind else "fast"
+
+
 def _new_cache(kind: str, step: ModelStep) -> DynamicCache:
-    if kind == "slot":
+    if _cache_kind(kind) == "slot":
         return kv_cache.new_cache(step.model_config)
     return DynamicCache(config=step.model_config.get_text_config(decoder=True))
 
@@ -101,6 +114,7 @@ def _sub_batch(
     ids, mask, positions, pads = prefill_inputs(prompts, 0, step.device)
     cache = _new_cache(kind, step)
     members = [_row() for _ in prompts]
+    step.fast.enabled = _forward_kind(kind) == "fast"
     logits = step.forward(KEY, members, ids, mask, positions, cache)  # type: ignore[arg-type]
     batch = SubBatch(
         KEY,
@@ -139,14 +153,15 @@ def _cells(
     """One table row per cache kind for sub-batches of ``rows`` rows, measured alternating."""
     batches = {k: _sub_batch(step, sampler, rows, args.width, vocab, k) for k in kinds}
 
-    def decode(_: object, b: SubBatch) -> None:
+    def decode(_: object, b: SubBatch, kind: str) -> None:
+        step.fast.enabled = _forward_kind(kind) == "fast"
         ids, mask, positions = b.decode_inputs()
         logits = step.forward(KEY, b.rows, ids, mask, positions, b.cache)
         b.advance()
         b.next_tokens = sampler.choose(logits, b.rows).tokens
 
-    for batch in batches.values():
-        decode(None, batch)  # warm-up
+    for k, batch in batches.items():
+        decode(None, batch, k)  # warm-up
     joiners = {
         k: [_sub_batch(step, sampler, 1, args.prompt - i, vocab, k) for i in range(4)]
         for k in kinds
@@ -157,7 +172,7 @@ def _cells(
     groups["leave"] = {}
     for k in kinds:
         b, j = batches[k], joiners[k]
-        groups["step"][k] = (lambda _, b=b: decode(None, b), _none)
+        groups["step"][k] = (lambda _, b=b, k=k: decode(None, b, k), _none)
         groups["prefill"][k] = (
             lambda _, k=k: _sub_batch(step, sampler, 1, args.prompt, vocab, k),
             _none,
@@ -197,7 +212,9 @@ def _cells(
 def _engine_cache(kind: str) -> Iterator[None]:
     """The engine's sub-batches get caches of ``kind`` while this is open."""
     original = kv_cache.new_cache
-    if kind == "dynamic":
+    forward = os.environ.get("PEFTSERVE_FAST_FORWARD")
+    os.environ["PEFTSERVE_FAST_FORWARD"] = "1" if _forward_kind(kind) == "fast" else "0"
+    if _cache_kind(kind) == "dynamic":
         kv_cache.new_cache = lambda config: DynamicCache(  # type: ignore[assignment]
             config=config.get_text_config(decoder=True)
         )
@@ -205,6 +222,10 @@ def _engine_cache(kind: str) -> Iterator[None]:
         yield
     finally:
         kv_cache.new_cache = original  # type: ignore[assignment]
+        if forward is None:
+            os.environ.pop("PEFTSERVE_FAST_FORWARD", None)
+        else:
+            os.environ["PEFTSERVE_FAST_FORWARD"] = forward
 
 
 # Where the worker touches the KV cache, none nested in another: the model's ``Cache.update``
@@ -299,6 +320,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--caches", default="slot,dynamic")
+    parser.add_argument("--forward", default="fast", help="fast, model or fast,model")
     parser.add_argument("--clients", type=int, default=0, help="also run the loop in process")
     parser.add_argument("--loop-requests", type=int, default=256)
     parser.add_argument("--loop-rounds", type=int, default=2)
@@ -311,7 +333,10 @@ def main() -> None:
     step = ModelStep(AdapterRegistry(base, None), device)
     sampler = Sampler(device, lambda t: str(t))
     vocab = int(base.config.get_text_config().vocab_size)
-    kinds = args.caches.split(",")
+    forwards = args.forward.split(",")
+    kinds = [
+        c if forwards == ["fast"] else f"{c}/{f}" for c in args.caches.split(",") for f in forwards
+    ]
 
     print(f"model {args.model_path.name}, device {device}, threads {args.threads}")
     print(f"width {args.width} cached tokens per row, join prompt {args.prompt} tokens\n")

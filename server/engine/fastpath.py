@@ -244,26 +244,52 @@ class FastForward:
                 return f"cache layer {type(layer).__name__}"
         return ""
 
-    def layers(self) -> list[Any] | None:
-        """The decoder layers when each is exactly the family's structure (adapters may have
-        replaced any module since the last forward), else None."""
+    def resolve(self) -> list[tuple[Any, ...]] | None:
+        """Each decoder layer's modules and tensors for this forward when every layer is
+        exactly the family's structure (an adapter may have replaced a module since the last
+        forward), else None.
+
+        Read from the modules' own ``_modules``/``_parameters`` dicts: what ``layer.mlp`` or
+        ``linear.weight`` return, without ``nn.Module.__getattr__`` (~1 us a lookup here, a
+        few dozen per layer)."""
         family = self.family
-        layers = list(self.decoder.layers[: self.num_layers])
-        for layer in layers:
-            attn = layer.self_attn
+        modules = self.decoder._modules
+        if type(modules["norm"]) is not family.norm:
+            return None
+        # Not ``layers[:n]``: slicing a ModuleList builds a new module (~20 us).
+        plan = []
+        for layer in list(modules["layers"]._modules.values())[: self.num_layers]:
+            if type(layer) is not family.layer:
+                return None
+            parts = layer._modules
+            attn, mlp = parts["self_attn"], parts["mlp"]
+            norm_in, norm_post = parts["input_layernorm"], parts["post_attention_layernorm"]
             if (
-                type(layer) is not family.layer
-                or type(attn) is not family.attention
-                or type(layer.mlp) is not family.mlp
-                or type(layer.input_layernorm) is not family.norm
-                or type(layer.post_attention_layernorm) is not family.norm
+                type(attn) is not family.attention
+                or type(mlp) is not family.mlp
+                or type(norm_in) is not family.norm
+                or type(norm_post) is not family.norm
                 or attn.training
                 or not attn.is_causal
             ):
                 return None
-        if type(self.decoder.norm) is not family.norm:
-            return None
-        return layers
+            a, m = attn._modules, mlp._modules
+            plan.append(
+                (
+                    _norm(norm_in),
+                    attn,
+                    _proj(a["q_proj"]),
+                    _proj(a["k_proj"]),
+                    _proj(a["v_proj"]),
+                    _proj(a["o_proj"]),
+                    _norm(norm_post),
+                    _proj(m["gate_proj"]),
+                    _proj(m["up_proj"]),
+                    _proj(m["down_proj"]),
+                    m["act_fn"],
+                )
+            )
+        return plan
 
     # ---- running ----
     def __call__(
@@ -272,54 +298,68 @@ class FastForward:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache: DynamicCache,
-        layers: list[Any],
+        plan: list[tuple[Any, ...]],
     ) -> torch.Tensor:
         """The (rows, 1, vocab) logits of the last position, as the model's forward gives them
-        with ``logits_to_keep=1``; the cache is updated as the forward updates it. ``layers``
-        is what ``layers()`` returned for this forward. Call it under ``torch.inference_mode``
+        with ``logits_to_keep=1``; the cache is updated as the forward updates it. ``plan`` is
+        what ``resolve()`` returned for this forward. Call it under ``torch.inference_mode``
         (as the step does), like the model's own forward."""
-        decoder = self.decoder
-        hidden = _embed(decoder.embed_tokens, input_ids)
+        modules = self.decoder._modules
+        hidden = _embed(modules["embed_tokens"], input_ids)
         q_length = hidden.shape[1]
         past = cache.layers[0].get_seq_length()
         mask = _causal_mask(attention_mask, hidden, q_length, past)
-        cos, sin = _rope(decoder.rotary_emb, hidden, position_ids)
+        cos, sin = _rope(modules["rotary_emb"], hidden, position_ids)
         # apply_rotary_pos_emb's unsqueeze, once for all layers (a view: no numbers change).
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        cache_layers = cache.layers
-        for index, layer in enumerate(layers):
+        for layer, cache_layer in zip(plan, cache.layers, strict=False):
+            norm_in, attn, q, k, v, o, norm_post, gate, up, down, act = layer
+            # LlamaDecoderLayer.forward
             residual = hidden
-            hidden = _rms_norm(layer.input_layernorm, hidden)
-            hidden = _attention(
-                layer.self_attn, hidden, cos, sin, mask, cache_layers[index], q_length
-            )
+            hidden = _rms_norm(norm_in, hidden)
+            hidden = _attention(attn, q, k, v, o, hidden, cos, sin, mask, cache_layer, q_length)
             hidden = residual + hidden
             residual = hidden
-            hidden = _rms_norm(layer.post_attention_layernorm, hidden)
-            mlp = layer.mlp
-            gated = _act(mlp.act_fn, _linear(mlp.gate_proj, hidden))
-            hidden = _linear(mlp.down_proj, gated * _linear(mlp.up_proj, hidden))
+            hidden = _rms_norm(norm_post, hidden)
+            # LlamaMLP.forward
+            gated = _act(act, _linear(gate, hidden))
+            hidden = _linear(down, gated * _linear(up, hidden))
             hidden = residual + hidden
-        hidden = _rms_norm(decoder.norm, hidden)
+        hidden = _rms_norm(_norm(modules["norm"]), hidden)
         hidden = hidden[:, slice(-1, None), :]  # slice_logits_to_keep(hidden, 1)
-        return _linear(self.lm.lm_head, hidden)
+        return _linear(_proj(self.lm._modules["lm_head"]), hidden)
 
 
 # ---- the ops, as transformers' modules run them ----
 
+# A projection: (module, weight, bias); weight None = call the module (not a plain Linear).
+Proj = tuple[Any, Any, Any]
 
-def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+
+def _proj(module: Any) -> Proj:
     if type(module) is nn.Linear:
-        return functional.linear(x, module.weight, module.bias)  # nn.Linear.forward
+        params = module._parameters
+        return module, params["weight"], params["bias"]
+    return module, None, None
+
+
+def _linear(proj: Proj, x: torch.Tensor) -> torch.Tensor:
+    module, weight, bias = proj
+    if weight is not None:
+        return functional.linear(x, weight, bias)  # nn.Linear.forward
     result: torch.Tensor = module(x)  # a peft layer, a routed layer, ...: its own forward
     return result
+
+
+def _norm(norm: Any) -> tuple[torch.Tensor, float]:
+    return norm._parameters["weight"], norm.variance_epsilon
 
 
 def _embed(module: Any, ids: torch.Tensor) -> torch.Tensor:
     if type(module) is nn.Embedding:
         return functional.embedding(  # nn.Embedding.forward
             ids,
-            module.weight,
+            module._parameters["weight"],
             module.padding_idx,
             module.max_norm,
             module.norm_type,
@@ -337,13 +377,18 @@ def _act(module: Any, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def _rms_norm(norm: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+def _rms_norm(norm: tuple[torch.Tensor, float], hidden_states: torch.Tensor) -> torch.Tensor:
     # LlamaRMSNorm.forward (Mistral's and Qwen2's are the same code).
+    # ``Tensor.to`` a tensor's own dtype returns that tensor: skipped, it computes nothing.
+    weight, variance_epsilon = norm
     input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
+    if input_dtype != torch.float32:
+        hidden_states = hidden_states.to(torch.float32)
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * hidden_states.to(input_dtype)
+    hidden_states = hidden_states * torch.rsqrt(variance + variance_epsilon)
+    if input_dtype != torch.float32:
+        hidden_states = hidden_states.to(input_dtype)
+    return weight * hidden_states
 
 
 def _rope(
@@ -354,6 +399,8 @@ def _rope(
     emb = torch.cat((freqs, freqs), dim=-1)
     cos = emb.cos() * rotary.attention_scaling
     sin = emb.sin() * rotary.attention_scaling
+    if x.dtype == torch.float32:
+        return cos, sin  # already float32: ``.to`` would return them as they are
     return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
@@ -403,6 +450,10 @@ def _causal_mask(
 
 def _attention(
     attn: Any,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     hidden_states: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -413,9 +464,9 @@ def _attention(
     # LlamaAttention.forward with sdpa_attention_forward inlined.
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, attn.head_dim)
-    query = _linear(attn.q_proj, hidden_states).view(hidden_shape).transpose(1, 2)
-    key = _linear(attn.k_proj, hidden_states).view(hidden_shape).transpose(1, 2)
-    value = _linear(attn.v_proj, hidden_states).view(hidden_shape).transpose(1, 2)
+    query = _linear(q_proj, hidden_states).view(hidden_shape).transpose(1, 2)
+    key = _linear(k_proj, hidden_states).view(hidden_shape).transpose(1, 2)
+    value = _linear(v_proj, hidden_states).view(hidden_shape).transpose(1, 2)
     query, key = (
         (query * cos) + (_rotate_half(query) * sin),
         (key * cos) + (_rotate_half(key) * sin),
@@ -451,7 +502,7 @@ def _attention(
     out = out.reshape(out.shape[0], -1, q_length, value.shape[-1])
     out = out.transpose(1, 2).contiguous()
     out = out.reshape(*input_shape, -1).contiguous()
-    return _linear(attn.o_proj, out)
+    return _linear(o_proj, out)
 
 
 class FastForwards:
@@ -483,13 +534,13 @@ class FastForwards:
         if not self.enabled:
             return None
         fast, problem = self.plan(model)
-        layers = None
+        plan = None
         if fast is not None:
             problem = fast.why_not(cache, position_ids)
             if not problem:
-                layers = fast.layers()
-                problem = "" if layers is not None else "a module of another class in a layer"
-        if fast is None or layers is None or position_ids is None:
+                plan = fast.resolve()
+                problem = "" if plan is not None else "a module of another class in a layer"
+        if fast is None or plan is None or position_ids is None:
             self.fallbacks[problem] = self.fallbacks.get(problem, 0) + 1
             return None
-        return fast(input_ids, attention_mask, position_ids, cache, layers)
+        return fast(input_ids, attention_mask, position_ids, cache, plan)
