@@ -67,13 +67,14 @@ TRANSFORMERS_VERSION = "5.24.0"
 class _Family:
     """The module classes of one Llama-style family (each checked by exact type)."""
 
-    model: type
-    decoder: type
-    layer: type
-    attention: type
-    mlp: type
-    norm: type
-    rotary: type
+    # Any, not type: ``type(x) is not family.layer`` must not narrow x to ``object``.
+    model: Any
+    decoder: Any
+    layer: Any
+    attention: Any
+    mlp: Any
+    norm: Any
+    rotary: Any
 
 
 FAMILIES: dict[type, _Family] = {
@@ -195,7 +196,7 @@ class FastForward:
             return f"sliding window {config.sliding_window}"
         if getattr(lm, "hf_quantizer", None) is not None or getattr(lm, "is_quantized", False):
             return "quantized"
-        decoder = lm.model
+        decoder: Any = lm.model
         if type(decoder) is not family.decoder:
             return f"decoder class {type(decoder).__name__}"
         rotary = decoder.rotary_emb
@@ -216,10 +217,12 @@ class FastForward:
         lm = model.base_model.model if isinstance(model, PeftModel) else model
         return cls(model, lm, FAMILIES[type(lm)]), ""
 
-    def why_not(self, cache: Any, position_ids: Any) -> str:
+    def why_not(self, cache: Any, position_ids: Any, attention_mask: Any = None) -> str:
         """What, at this forward, the fast path would not reproduce ("" = nothing)."""
         if position_ids is None:
             return "no position_ids"
+        if attention_mask is not None and attention_mask.ndim != 2:
+            return "a mask that is not a 2-D padding mask"
         if RemovableHandle.next_id != self._hook_id:
             # A hook may have been registered since the last look (ids come from one counter).
             self._hook_id = RemovableHandle.next_id
@@ -258,11 +261,13 @@ class FastForward:
             return None
         # Not ``layers[:n]``: slicing a ModuleList builds a new module (~20 us).
         plan = []
+        layer: Any
         for layer in list(modules["layers"]._modules.values())[: self.num_layers]:
             if type(layer) is not family.layer:
                 return None
             parts = layer._modules
-            attn, mlp = parts["self_attn"], parts["mlp"]
+            attn: Any = parts["self_attn"]
+            mlp: Any = parts["mlp"]
             norm_in, norm_post = parts["input_layernorm"], parts["post_attention_layernorm"]
             if (
                 type(attn) is not family.attention
@@ -307,7 +312,8 @@ class FastForward:
         modules = self.decoder._modules
         hidden = _embed(modules["embed_tokens"], input_ids)
         q_length = hidden.shape[1]
-        past = cache.layers[0].get_seq_length()
+        first: Any = cache.layers[0]  # a SlotLayer or DynamicLayer (why_not)
+        past = first.get_seq_length()
         mask = _causal_mask(attention_mask, hidden, q_length, past)
         cos, sin = _rope(modules["rotary_emb"], hidden, position_ids)
         # apply_rotary_pos_emb's unsqueeze, once for all layers (a view: no numbers change).
@@ -356,10 +362,12 @@ def _norm(norm: Any) -> tuple[torch.Tensor, float]:
 
 
 def _embed(module: Any, ids: torch.Tensor) -> torch.Tensor:
+    weight: Any
     if type(module) is nn.Embedding:
+        weight = module._parameters["weight"]
         return functional.embedding(  # nn.Embedding.forward
             ids,
-            module._parameters["weight"],
+            weight,
             module.padding_idx,
             module.max_norm,
             module.norm_type,
@@ -464,7 +472,7 @@ def _attention(
     # LlamaAttention.forward with sdpa_attention_forward inlined.
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, attn.head_dim)
-    query = _linear(q_proj, hidden_states).view(hidden_shape).transpose(1, 2)
+    query: Any = _linear(q_proj, hidden_states).view(hidden_shape).transpose(1, 2)
     key = _linear(k_proj, hidden_states).view(hidden_shape).transpose(1, 2)
     value = _linear(v_proj, hidden_states).view(hidden_shape).transpose(1, 2)
     query, key = (
@@ -474,26 +482,27 @@ def _attention(
     key, value = cache_layer.update(key, value)
 
     sdpa_kwargs: dict[str, Any] = {}
+    mask: Any = attention_mask
     n_rep = attn.num_key_value_groups
     if n_rep > 1:
-        if sdpa_attention.use_gqa_in_sdpa(attention_mask, key, value):
+        if sdpa_attention.use_gqa_in_sdpa(mask, key, value):
             sdpa_kwargs["enable_gqa"] = True
         elif q_length == 1:
             query = sdpa_attention.pack_gqa(query, n_rep)
-            attention_mask = sdpa_attention.pack_gqa(attention_mask, n_rep)
+            mask = sdpa_attention.pack_gqa(mask, n_rep)
         else:
             key = sdpa_attention.repeat_kv(key, n_rep)
             value = sdpa_attention.repeat_kv(value, n_rep)
     kv_length = key.shape[2]
-    is_causal = q_length > 1 and attention_mask is None and attn.is_causal
-    if is_causal and attention_mask is None and q_length > 1 and kv_length > q_length:
+    is_causal = q_length > 1 and mask is None and attn.is_causal
+    if is_causal and mask is None and q_length > 1 and kv_length > q_length:
         key = key[:, :, :q_length, :]
         value = value[:, :, :q_length, :]
     out = functional.scaled_dot_product_attention(
         query,
         key,
         value,
-        attn_mask=attention_mask,
+        attn_mask=mask,
         dropout_p=0.0,
         scale=attn.scaling,
         is_causal=is_causal,
@@ -536,7 +545,7 @@ class FastForwards:
         fast, problem = self.plan(model)
         plan = None
         if fast is not None:
-            problem = fast.why_not(cache, position_ids)
+            problem = fast.why_not(cache, position_ids, attention_mask)
             if not problem:
                 plan = fast.resolve()
                 problem = "" if plan is not None else "a module of another class in a layer"

@@ -45,6 +45,11 @@ TINY: dict[str, Any] = {
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "llama-mha-tied": ("LlamaConfig", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    # Biases on every projection and another activation: the modules' own, applied as theirs.
+    "llama-bias-gelu": (
+        "LlamaConfig",
+        {"attention_bias": True, "mlp_bias": True, "hidden_act": "gelu_pytorch_tanh"},
+    ),
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {}),
 }
