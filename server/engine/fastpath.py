@@ -15,7 +15,8 @@ for what the engine calls (``input_ids``, a 2-D padding mask or none, explicit
 * every projection (q/k/v/o, gate/up/down, the embedding, lm_head) is the model's own
   submodule: a plain ``nn.Linear``/``nn.Embedding`` is applied as its ``forward`` would
   (``F.linear``/``F.embedding`` on its own tensors), anything else -- a peft tuner layer, the
-  routed tree's ``RoutedLayer`` -- is called as a module, so adapters keep working unchanged;
+  routed tree's ``RoutedLayer`` -- runs its own ``forward`` (what ``__call__`` runs when no
+  hook is registered, which is checked), so adapters keep working unchanged;
 * the 4-D mask is built only where ``create_causal_mask`` would build one, as the same boolean
   tensor (same values, shape and layout), with its same decisions to pass none.
 
@@ -338,22 +339,23 @@ class FastForward:
 
 # ---- the ops, as transformers' modules run them ----
 
-# A projection: (module, weight, bias); weight None = call the module (not a plain Linear).
+# A projection: (forward, weight, bias); weight None = call ``forward`` (not a plain Linear).
+# A module's ``forward`` is what its ``__call__`` runs when no hook is registered (checked).
 Proj = tuple[Any, Any, Any]
 
 
 def _proj(module: Any) -> Proj:
     if type(module) is nn.Linear:
         params = module._parameters
-        return module, params["weight"], params["bias"]
-    return module, None, None
+        return None, params["weight"], params["bias"]
+    return module.forward, None, None
 
 
 def _linear(proj: Proj, x: torch.Tensor) -> torch.Tensor:
-    module, weight, bias = proj
+    forward, weight, bias = proj
     if weight is not None:
         return functional.linear(x, weight, bias)  # nn.Linear.forward
-    result: torch.Tensor = module(x)  # a peft layer, a routed layer, ...: its own forward
+    result: torch.Tensor = forward(x)  # a peft layer, a routed layer, ...: its own forward
     return result
 
 
@@ -374,14 +376,14 @@ def _embed(module: Any, ids: torch.Tensor) -> torch.Tensor:
             module.scale_grad_by_freq,
             module.sparse,
         )
-    result: torch.Tensor = module(ids)
+    result: torch.Tensor = module.forward(ids)
     return result
 
 
 def _act(module: Any, x: torch.Tensor) -> torch.Tensor:
     if type(module) is SiLUActivation:
         return functional.silu(x)  # SiLUActivation.forward
-    result: torch.Tensor = module(x)
+    result: torch.Tensor = module.forward(x)
     return result
 
 
