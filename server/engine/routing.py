@@ -13,9 +13,13 @@ its base call in a solo forward (same ops, same order, same dtype casts; IA3 sca
 output, or on a feedforward module its rows' input to the base module), reading the weights
 of the peft layer of the adapter's type group (no copy either). The row assignment is made
 once per forward (``Routing.assign``: per adapter an index tensor, or a slice where its rows
-are contiguous, or "all rows"), and every layer reads it. Each row therefore gets the numbers
-its solo forward computes; the fidelity tests (``tests/engine/test_fidelity.py``,
-``tests/families``) check it token by token.
+are contiguous, or "all rows"), and every layer reads it. Where some adapter's rows are
+interleaved with others', a layer gathers its input once in adapter order (q/k/v, and gate/up,
+share one gather per forward), computes each adapter's increment on its span and adds them all
+with one ``index_add_``: two operations per layer instead of two per adapter and layer, the
+same additions (``RoutedLayer._forward_gathered``). Each row therefore gets the numbers its
+solo forward computes; ``tests/engine/test_routing.py`` checks the logits bit for bit, the
+fidelity tests (``tests/engine/test_fidelity.py``, ``tests/families``) token by token.
 
 Routable: the peft layer classes in ``_DELTAS`` (LoRA ``Linear``/``Embedding`` without a
 variant such as DoRA; LoHa, LoKr and IA3 ``Linear``) in eval mode; an adapter with any other
@@ -54,39 +58,87 @@ class RoutingError(RuntimeError):
 
 
 class Routing:
-    """The row assignment of the current forward, shared by every ``RoutedLayer`` of a tree."""
+    """The row assignment of the current forward, shared by every ``RoutedLayer`` of a tree.
+
+    With rows of some adapter interleaved with others (an index tensor), the layers take the
+    gathered path (``RoutedLayer._forward_gathered``): ``order`` lists the rows of every adapter
+    group, group after group (``spans``: where each group's rows lie in it), a layer's input is
+    gathered in that order once (``gathered``: the same input tensor, e.g. the one hidden state
+    q/k/v or gate/up all read, is gathered once per forward), each adapter's delta is computed
+    on its span, and every delta of the layer is added back with one ``index_add_``.
+    """
 
     def __init__(self) -> None:
         self.rows = 0
         self.groups: tuple[tuple[str, Rows], ...] = ()
         self._names: tuple[str, ...] = ()
+        self.order: torch.Tensor | None = None  # None: the groups are used as they are
+        self.spans: dict[str, slice] = {}
+        self._orders: dict[tuple[str, ...], torch.Tensor] = {}
+        self._source: torch.Tensor | None = None
+        self._gathered: torch.Tensor | None = None
 
     def assign(self, names: Sequence[str], device: torch.device) -> None:
         """Route row ``i`` through adapter ``names[i]`` (``BASE_ROW_MARKER``: none)."""
+        # A new forward: never reuse the last forward's gathered input.
+        self._source = self._gathered = None
         key = tuple(names)
         if key == self._names:
             return  # the same rows as the last forward (most decode steps)
         positions: dict[str, list[int]] = {}
         for i, name in enumerate(key):
             positions.setdefault(name, []).append(i)
+        positions.pop(BASE_ROW_MARKER, None)
         groups: list[tuple[str, Rows]] = []
+        interleaved = False
         for name, rows in positions.items():
-            if name == BASE_ROW_MARKER:
-                continue
             if len(rows) == len(key):
                 groups.append((name, None))
             elif rows[-1] - rows[0] + 1 == len(rows):
                 groups.append((name, slice(rows[0], rows[-1] + 1)))
             else:
                 groups.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
+                interleaved = True
         self.rows = len(key)
         self.groups = tuple(groups)
         self._names = key
+        self._orders = {}
+        self.spans = {}
+        self.order = None
+        if interleaved:
+            order: list[int] = []
+            for name, rows in positions.items():
+                self.spans[name] = slice(len(order), len(order) + len(rows))
+                order.extend(rows)
+            self.order = torch.tensor(order, dtype=torch.long, device=device)
+            self._orders[tuple(positions)] = self.order
+
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s rows in ``order`` (gathered once for the layers fed this very tensor)."""
+        assert self.order is not None
+        if self._source is not x:
+            self._gathered = x.index_select(0, self.order)
+            self._source = x  # held: no other tensor can take its identity meanwhile
+        assert self._gathered is not None
+        return self._gathered
+
+    def order_of(self, names: tuple[str, ...]) -> torch.Tensor:
+        """The rows of the groups ``names`` (in group order), as ``order`` lists them."""
+        found = self._orders.get(names)
+        if found is None:
+            assert self.order is not None
+            found = torch.cat([self.order[self.spans[name]] for name in names])
+            self._orders[names] = found
+        return found
 
     def clear(self) -> None:
         self.rows = 0
         self.groups = ()
         self._names = ()
+        self.order = None
+        self.spans = {}
+        self._orders = {}
+        self._source = self._gathered = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +179,7 @@ class RoutedLayer(nn.Module):
         self.base_layer = base_layer
         self.deltas: dict[str, Delta] = {}
         self.scales_input = False  # some adapter here transforms the base layer's input
+        self.additive = True  # every adapter here adds an increment (no IA3 scaling)
         self._routing = routing
 
     def set_delta(self, name: str, delta: Delta | None) -> None:
@@ -135,6 +188,7 @@ class RoutedLayer(nn.Module):
         else:
             self.deltas[name] = delta
         self.scales_input = any(d.input_scale is not None for d in self.deltas.values())
+        self.additive = all(d.increment is not None for d in self.deltas.values())
 
     def _check_rows(self, x: torch.Tensor, rows: Rows) -> None:
         if rows is not None and x.shape[0] != self._routing.rows:
@@ -156,6 +210,8 @@ class RoutedLayer(nn.Module):
         return fed
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._routing.order is not None and self.additive:
+            return self._forward_gathered(x, *args, **kwargs)
         fed = self._base_input(x) if self.scales_input else x
         result: torch.Tensor = self.base_layer(fed, *args, **kwargs)
         for name, rows in self._routing.groups:
@@ -186,6 +242,38 @@ class RoutedLayer(nn.Module):
             else:
                 part = (result.index_select(0, rows) + increment).to(dtype)
                 result.index_copy_(0, rows, part)
+        return result
+
+    def _forward_gathered(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``forward`` for interleaved rows (see ``Routing``): each row's increment, computed by
+        the same operations on the same rows and added by the same single addition, with one
+        gather per input tensor and one ``index_add_`` per layer instead of an ``index_select``
+        and an ``index_add_`` per adapter and layer."""
+        routing = self._routing
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        if x.shape[0] != routing.rows:
+            self._check_rows(x, slice(None))
+        gathered: torch.Tensor | None = None
+        parts: list[torch.Tensor] = []
+        added: list[str] = []
+        for name, span in routing.spans.items():
+            delta = self.deltas.get(name)
+            if delta is None or delta.increment is None:
+                continue  # this adapter does not target this module
+            if gathered is None:
+                gathered = routing.gathered(x)
+            increment = delta.increment(gathered[span])
+            dtype = x.dtype if delta.to_input_dtype else result.dtype
+            if increment.dtype == result.dtype == dtype:
+                parts.append(increment)
+                added.append(name)
+                continue
+            rows = routing.order_of((name,))
+            part = (result.index_select(0, rows) + increment).to(dtype)
+            result.index_copy_(0, rows, part)
+        if parts:
+            source = parts[0] if len(parts) == 1 else torch.cat(parts)
+            result.index_add_(0, routing.order_of(tuple(added)), source)
         return result
 
 

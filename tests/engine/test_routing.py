@@ -4,8 +4,10 @@ On the demo model plus random extra adapters (two more LoRA, a LoKr, an IA3 and 
 built once:
 
 * the routed tree alone: rows of four LoRA adapters, a LoHa, a LoKr, an IA3 and base rows
-  interleaved (and contiguous, and all of one adapter) in one forward give each row the logits
-  of its solo forward;
+  interleaved (and contiguous, and all of one adapter) in one forward give each row exactly
+  (``torch.equal``) the logits of its solo forward; in a prefill and the decode steps after it,
+  interleaved rows (the gathered path, ``Routing.order``) get exactly the logits of the same
+  rows with each adapter's rows contiguous (each adapter's layer on a slice of its rows);
 * the engine: concurrent requests on every adapter and on base, interleaved, return the tokens
   of a solo ``PeftModel.generate``, and the rows of routed adapters (LoRA, LoHa, LoKr, IA3)
   shared their forwards;
@@ -163,12 +165,59 @@ def test_each_routed_row_gets_its_solo_logits(trees: Trees, names: list[str]) ->
         routed = trees.tree.model(input_ids=ids).logits
         for i, name in enumerate(names):
             expected = _solo_logits(trees, name, ids[i : i + 1])
-            torch.testing.assert_close(routed[i], expected, rtol=0, atol=1e-5, msg=name)
+            assert torch.equal(routed[i], expected), name
         # Every adapter changes its rows: a routing mix-up could not pass unseen.
         for name in set(names) - {BASE_ROW_MARKER}:
             i = names.index(name)
             base = _solo_logits(trees, BASE_ROW_MARKER, ids[i : i + 1])
             assert not torch.allclose(routed[i], base), name
+
+
+def _prefill_and_decode(
+    tree: RoutedTree, names: list[str], ids: torch.Tensor, tokens: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Last-position logits of a prefill of ``ids`` and of a decode step per ``tokens``."""
+    tree.assign(names)
+    out = tree.model(input_ids=ids, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for token in tokens:
+        tree.assign(names)
+        out = tree.model(input_ids=token, past_key_values=out.past_key_values)
+        logits.append(out.logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(["reverse", "title", "upper"] * 6 + ["title"], id="lora-and-loha"),
+        pytest.param(["upper", "reverse", "reverse", "upper", "upper"] * 3, id="two-lora"),
+        pytest.param(
+            ["title", BASE_ROW_MARKER, "lora4", "kron", "scale", "reverse", "title"] * 2,
+            id="every-type",
+        ),
+    ],
+)
+def test_interleaved_steps_equal_contiguous_steps(trees: Trees, names: list[str]) -> None:
+    """A prefill and decode steps with the KV cache: interleaved rows (the gathered path) get
+    exactly the logits the same rows get when each adapter's rows are contiguous (each
+    adapter's own layer on a slice of the rows, as peft computes it for them)."""
+    torch.manual_seed(11)
+    ids = torch.randint(3, 250, (len(names), 5))
+    tokens = [torch.randint(3, 250, (len(names), 1)) for _ in range(3)]
+    first = {name: names.index(name) for name in names}
+    perm = sorted(range(len(names)), key=lambda i: first[names[i]])
+    grouped = [names[i] for i in perm]
+    with torch.inference_mode():
+        trees.tree.assign(names)
+        assert trees.tree.routing.order is not None  # the gathered path
+        trees.tree.assign(grouped)
+        assert trees.tree.routing.order is None  # slices, each adapter's layer on its rows
+        interleaved = _prefill_and_decode(trees.tree, names, ids, tokens)
+        contiguous = _prefill_and_decode(trees.tree, grouped, ids[perm], [t[perm] for t in tokens])
+    for step, (mixed, reference) in enumerate(zip(interleaved, contiguous, strict=True)):
+        for j, i in enumerate(perm):
+            assert torch.equal(mixed[i], reference[j]), (names[i], i, step)
 
 
 def test_dora_is_not_routable_and_a_removed_adapter_unwraps(files: ModelFiles) -> None:
