@@ -22,8 +22,12 @@ of ``--joiners`` prompts of ``--prompt`` tokens, medians of ``--repeats``; and t
 one decode step makes (functions and methods that run an operator, property reads excluded):
 in a process whose other threads want the GIL (the engine process, the gRPC front), each such
 call is a chance to lose it, so the count is what the server's step time follows most.
-Usage: ``python bench/mixed_costs.py [--rows 55] [--width 40] [--joiners 2] [--prompt 16]
-[--repeats 15] [--paths gathered,per-group] [--threads 1]``.
+With ``--layer`` it times instead the 7 routed modules of one decoder layer (q/k/v/o on one
+input, gate/up on one, down on another, as the model calls them) on a ``--rows``-row decode
+input, best of ``--repeats`` x 10 runs of 10 (the best of many short runs is what a loaded
+machine still measures steadily), for base-only rows, all rows on one adapter (LoRA, LoHa) and
+the mixes. Usage: ``python bench/mixed_costs.py [--layer] [--rows 55] [--width 40]
+[--joiners 2] [--prompt 16] [--repeats 15] [--paths gathered,per-group] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -133,6 +137,45 @@ def _cpu_ms(fn: Callable[[], object], times: int) -> float:
     return (time.thread_time() - started) * 1000.0 / times
 
 
+def _layer_table(registry: AdapterRegistry, args: argparse.Namespace, paths: list[str]) -> None:
+    tree = registry.routed
+    rng = random.Random(0)
+    mixes = {
+        "base only": [routing.BASE_ROW_MARKER] * args.rows,
+        "all on reverse (LoRA)": ["reverse"] * args.rows,
+        "all on title (LoHa)": ["title"] * args.rows,
+        **{m: [rng.choice(a) for _ in range(args.rows)] for m, a in MIXES.items() if len(a) > 1},
+    }
+    layer: Any = tree.model.get_submodule("model.layers.0")
+    attention, mlp = layer.self_attn, layer.mlp
+    config = registry.base.config
+    hidden = torch.randn(args.rows, 1, int(config.hidden_size))
+    inner = torch.randn(args.rows, 1, int(config.intermediate_size))
+
+    def modules() -> None:
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+            proj(hidden)
+        mlp.gate_proj(hidden)
+        mlp.up_proj(hidden)
+        mlp.down_proj(inner)
+
+    best: dict[tuple[str, str], float] = {}
+    with torch.inference_mode():
+        for repeat in range(2):
+            for kind in paths if repeat % 2 == 0 else list(reversed(paths)):
+                with _path(kind):
+                    for mix, names in mixes.items():
+                        tree.assign(names)
+                        runs = [_cpu_ms(modules, 10) for _ in range(args.repeats * 5)]
+                        us = min(runs) * 1000.0
+                        best[kind, mix] = min(best.get((kind, mix), us), us)
+    print(f"the 7 routed modules of decoder layer 0 on {args.rows} decode rows, best CPU us\n")
+    print("| rows | " + " | ".join(paths) + " |")
+    print("|---|" + "---|" * len(paths))
+    for mix in mixes:
+        print(f"| {mix} | " + " | ".join(f"{best[k, mix]:.0f} us" for k in paths) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=Path, default=REPO / "models" / "demo" / "base")
@@ -143,6 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--paths", default="gathered,per-group")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layer", action="store_true", help="time one decoder layer's modules")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -152,6 +196,9 @@ def main() -> None:
     step = ModelStep(registry, device)
     sampler = Sampler(device, lambda t: str(t))
     paths = args.paths.split(",")
+    if args.layer:
+        _layer_table(registry, args, paths)
+        return
     rng = random.Random(0)
     rows = {m: [rng.choice(a) for _ in range(args.rows)] for m, a in MIXES.items()}
     joining = {m: [rng.choice(a) for _ in range(args.joiners)] for m, a in MIXES.items()}
