@@ -49,6 +49,19 @@ STEP_FRAMES = (
 )
 # (function name fragment or "", file fragment, part): innermost match wins.
 RULES: tuple[tuple[str, str, str], ...] = (
+    # The fast forward (server/engine/fastpath.py): its helpers are named after the parts.
+    ("_causal_mask", "engine/fastpath.py", "mask building"),
+    ("_fast_all", "engine/fastpath.py", "mask building"),
+    ("_apply_rope", "engine/fastpath.py", "RoPE apply"),
+    ("_rotate_half", "engine/fastpath.py", "RoPE apply"),
+    ("_rope", "engine/fastpath.py", "RoPE positions (cos/sin)"),
+    ("_sdpa", "engine/fastpath.py", "attention kernel"),
+    ("_linear", "engine/fastpath.py", "linear layers"),
+    ("_embed", "engine/fastpath.py", "embedding"),
+    ("_rms_norm", "engine/fastpath.py", "norms"),
+    ("_act", "engine/fastpath.py", "MLP activation"),
+    ("update", "engine/kv_cache.py", "KV cache update"),
+    ("", "engine/fastpath.py", "model Python (layers, attention, heads)"),
     ("", "masking_utils.py", "mask building"),
     ("RotaryEmbedding", "", "RoPE positions (cos/sin)"),
     ("rope", "modeling_rope_utils.py", "RoPE positions (cos/sin)"),

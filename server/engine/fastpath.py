@@ -334,7 +334,7 @@ class FastForward:
             hidden = residual + hidden
         hidden = _rms_norm(_norm(modules["norm"]), hidden)
         hidden = hidden[:, slice(-1, None), :]  # slice_logits_to_keep(hidden, 1)
-        return _linear(_proj(self.lm._modules["lm_head"]), hidden)
+        return _lm_head(self.lm, hidden)
 
 
 # ---- the ops, as transformers' modules run them ----
@@ -471,20 +471,38 @@ def _attention(
     cache_layer: Any,
     q_length: int,
 ) -> torch.Tensor:
-    # LlamaAttention.forward with sdpa_attention_forward inlined.
+    # LlamaAttention.forward.
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, attn.head_dim)
-    query: Any = _linear(q_proj, hidden_states).view(hidden_shape).transpose(1, 2)
+    query = _linear(q_proj, hidden_states).view(hidden_shape).transpose(1, 2)
     key = _linear(k_proj, hidden_states).view(hidden_shape).transpose(1, 2)
     value = _linear(v_proj, hidden_states).view(hidden_shape).transpose(1, 2)
-    query, key = (
-        (query * cos) + (_rotate_half(query) * sin),
-        (key * cos) + (_rotate_half(key) * sin),
-    )
+    query, key = _apply_rope(query, key, cos, sin)
     key, value = cache_layer.update(key, value)
+    out = _sdpa(attn, query, key, value, attention_mask, q_length)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return _linear(o_proj, out)
 
+
+def _apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # apply_rotary_pos_emb, ``cos``/``sin`` already unsqueezed.
+    q_embed = (q * cos) + (_rotate_half(q) * sin)
+    k_embed = (k * cos) + (_rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def _sdpa(
+    attn: Any,
+    query: Any,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any,
+    q_length: int,
+) -> torch.Tensor:
+    # sdpa_attention_forward (no position bias, softcap, NPU or tracing: refused or absent).
     sdpa_kwargs: dict[str, Any] = {}
-    mask: Any = attention_mask
     n_rep = attn.num_key_value_groups
     if n_rep > 1:
         if sdpa_attention.use_gqa_in_sdpa(mask, key, value):
@@ -511,9 +529,11 @@ def _attention(
         **sdpa_kwargs,
     )
     out = out.reshape(out.shape[0], -1, q_length, value.shape[-1])
-    out = out.transpose(1, 2).contiguous()
-    out = out.reshape(*input_shape, -1).contiguous()
-    return _linear(o_proj, out)
+    return out.transpose(1, 2).contiguous()
+
+
+def _lm_head(lm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    return _linear(_proj(lm._modules["lm_head"]), hidden)
 
 
 class FastForwards:
