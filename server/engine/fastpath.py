@@ -536,15 +536,21 @@ def _lm_head(lm: Any, hidden: torch.Tensor) -> torch.Tensor:
     return _linear(_proj(lm._modules["lm_head"]), hidden)
 
 
+def enabled_by_environment() -> bool:
+    """False when ``PEFTSERVE_FAST_FORWARD=0``: every forward then runs the model's own code."""
+    return os.environ.get("PEFTSERVE_FAST_FORWARD", "1") != "0"
+
+
 class FastForwards:
     """Each model's ``FastForward`` (or why it has none), decided at its first forward."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled and os.environ.get("PEFTSERVE_FAST_FORWARD", "1") != "0"
+        self.enabled = enabled
         self._plans: weakref.WeakKeyDictionary[Any, tuple[FastForward | None, str]] = (
             weakref.WeakKeyDictionary()
         )
         self.fallbacks: dict[str, int] = {}  # why -> forwards that took the model's own
+        self.taken = 0  # forwards that took the fast one
 
     def plan(self, model: Any) -> tuple[FastForward | None, str]:
         found = self._plans.get(model)
@@ -574,4 +580,5 @@ class FastForwards:
         if fast is None or plan is None or position_ids is None:
             self.fallbacks[problem] = self.fallbacks.get(problem, 0) + 1
             return None
+        self.taken += 1
         return fast(input_ids, attention_mask, position_ids, cache, plan)

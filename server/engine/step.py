@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .fastpath import FastForwards
+from .fastpath import FastForwards, enabled_by_environment
 from .peft_guard import guard_models
 from .registry import BASE_ROW_MARKER, ROUTED_GROUP, AdapterRegistry
 from .rows import Row
@@ -50,7 +50,11 @@ class ModelStep:
         self.takes_logits_to_keep = "logits_to_keep" in params
         self.model_config = base.config
         # The bit-identical fast forward (decided per model at its first forward).
-        self.fast = FastForwards(enabled=self.takes_position_ids and self.takes_logits_to_keep)
+        self.fast = FastForwards(
+            enabled=self.takes_position_ids
+            and self.takes_logits_to_keep
+            and enabled_by_environment()
+        )
         # (model, adapter) a running beam search's generate is using; None when no beam runs.
         self._lent: tuple[Any, str | None] | None = None
 

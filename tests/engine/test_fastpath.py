@@ -15,21 +15,28 @@ runs instead.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers
-from peftserve.server.engine import kv_cache
-from peftserve.server.engine.fastpath import FastForward, FastForwards, _causal_mask
+from peftserve.server.engine import Engine, kv_cache
+from peftserve.server.engine.fastpath import (
+    FastForward,
+    FastForwards,
+    _causal_mask,
+    enabled_by_environment,
+)
 from peftserve.server.engine.registry import BASE_ROW_MARKER, AdapterRegistry
 from peftserve.server.engine.running import SubBatchKey
 from peftserve.server.engine.step import ModelStep, prefill_inputs
+from peftserve.server.engine.types import GenerationParams, GenerationRequest
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from .conftest import ModelFiles
+from .conftest import ModelFiles, Reference, engine_config
 
 TINY: dict[str, Any] = {
     "vocab_size": 96,
@@ -201,8 +208,9 @@ def test_model_step_uses_it_and_matches(demo_base: Any) -> None:
     key = SubBatchKey("base", None)
     ids, mask, positions, _ = prefill_inputs(list(PROMPTS), 0, torch.device("cpu"))
     cache = kv_cache.new_cache(demo_base.config)
+    step.fast.enabled = True  # even under PEFTSERVE_FAST_FORWARD=0
     logits = step.forward(key, [], ids, mask, positions, cache)
-    assert not step.fast.fallbacks
+    assert not step.fast.fallbacks and step.fast.taken == 1
     own_cache = kv_cache.new_cache(demo_base.config)
     with torch.inference_mode():
         own = _own_forward(demo_base, ids, mask, positions, own_cache)
@@ -281,9 +289,48 @@ def test_refuses_what_it_does_not_reproduce(tmp_path: Path) -> None:
 
     # Through the step: the refused model runs its own forward and still gives its logits.
     step = ModelStep(AdapterRegistry(sliding, None), torch.device("cpu"))
+    step.fast.enabled = True  # even under PEFTSERVE_FAST_FORWARD=0: the refusal is tested
     cache = kv_cache.new_cache(sliding.config)
     logits = step.forward(SubBatchKey("base", None), [], ids, mask, positions, cache)
     assert step.fast.fallbacks and not seen
     with torch.inference_mode():
         own = _own_forward(sliding, ids, mask, positions, kv_cache.new_cache(sliding.config))
     assert torch.equal(logits, own[:, -1].float())
+
+
+def test_the_engine_takes_it_for_every_forward(
+    model_files: ModelFiles, reference: Reference, aio: asyncio.Runner
+) -> None:
+    """Through the loop (padded prefills, chunks, joins, base and every adapter mixed), no
+    forward of the served models falls back, and every request still gets its solo tokens."""
+    if not enabled_by_environment():
+        pytest.skip("PEFTSERVE_FAST_FORWARD=0")
+    eng = Engine(engine_config(model_files, max_prefill_tokens=16))
+    aio.run(eng.start())
+    try:
+        names = ["", *sorted(a.name for a in eng.adapters())]
+        requests = [
+            GenerationRequest(
+                f"r{i}",
+                text="the quick brown fox jumps over the lazy dog"[: 5 + 9 * i],
+                adapter=names[i % len(names)],
+                parameters=GenerationParams(max_new_tokens=6, min_new_tokens=6, do_sample=False),
+            )
+            for i in range(2 * len(names))
+        ]
+
+        async def body() -> list[Any]:
+            handles = [eng.submit(r) for r in requests]
+            return [await h.result() for h in handles]
+
+        results = aio.run(body())
+        for request, result in zip(requests, results, strict=True):
+            prompt = list(eng.tokenize(request.text or "").token_ids)
+            solo = reference.generate(
+                request.adapter, prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False
+            )[0]
+            assert list(result.sequences[0].token_ids) == solo, request.request_id
+        step: Any = eng._batcher._step_model  # type: ignore[attr-defined]
+        assert step.fast.fallbacks == {} and step.fast.taken > len(requests)
+    finally:
+        aio.run(eng.stop())
