@@ -224,14 +224,17 @@ class FastForward:
             return "no position_ids"
         if attention_mask is not None and attention_mask.ndim != 2:
             return "a mask that is not a 2-D padding mask"
-        if RemovableHandle.next_id != self._hook_id:
-            # A hook may have been registered since the last look (ids come from one counter).
+        if self._hooked or RemovableHandle.next_id != self._hook_id:
+            # A hook may have been registered since the last look (ids come from one counter),
+            # or removed since the last look found one (a scan per forward while hooked).
             self._hook_id = RemovableHandle.next_id
             self._hooked = _has_hooks(self.model)
         if self._hooked:
             return "hooks on the model"
         if self.model.training or self.lm.training:
             return "training mode"
+        if self.config._attn_implementation != "sdpa":  # set_attn_implementation since load
+            return f"attention {self.config._attn_implementation!r}, not sdpa"
         if ALL_ATTENTION_FUNCTIONS.get("sdpa") is not sdpa_attention.sdpa_attention_forward:
             return "a custom sdpa attention function"
         if self.peft:

@@ -283,9 +283,14 @@ def test_refuses_what_it_does_not_reproduce(tmp_path: Path) -> None:
         handle = model.model.layers[0].mlp.register_forward_hook(lambda *a: seen.append(1))
         assert fast.run(model, ids, mask, positions, kv_cache.new_cache(model.config)) is None
         assert "hooks on the model" in fast.fallbacks
-        handle.remove()
+        handle.remove()  # gone: fast again
+        assert fast.run(model, ids, mask, positions, kv_cache.new_cache(model.config)) is not None
         # A cache transformers made some other way (no config: layers appear lazily).
         assert fast.run(model, ids, mask, positions, DynamicCache()) is None
+        # Attention switched after the first forward.
+        model.set_attn_implementation("eager")
+        assert fast.run(model, ids, mask, positions, kv_cache.new_cache(model.config)) is None
+        assert "attention 'eager', not sdpa" in fast.fallbacks
 
     # Through the step: the refused model runs its own forward and still gives its logits.
     step = ModelStep(AdapterRegistry(sliding, None), torch.device("cpu"))
