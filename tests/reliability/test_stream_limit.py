@@ -72,7 +72,9 @@ def test_calls_beyond_the_limit_are_refused_unprocessed() -> None:
                         assert details.retry_delay_s is not None
                     outcomes[details.code.name] = outcomes.get(details.code.name, 0) + 1
             print(f"\n100 calls, 32 streams: {outcomes}")
-            assert outcomes.get("OK", 0) >= 12
+            # At least the queue's worth succeed whatever the timing: the first 8 calls to
+            # arrive always find room (how many more depends on how fast rows start running).
+            assert outcomes.get("OK", 0) >= 8
             refused = outcomes.get("UNAVAILABLE", 0)
             for _ in range(refused):  # retried one at a time: each gets a slot
                 assert stub.Generate(request, timeout=120).sequences
