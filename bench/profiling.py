@@ -6,7 +6,9 @@ attributes each sample to the innermost frame's library (self time) and lists th
 with the most inclusive time.
 
 ``worker_breakdown`` answers the engine's own question: of the worker thread's samples, how
-many are inside the model's forward (any ``torch.nn.Module`` call on the stack) and how many
+many are inside the model's forward (a ``torch.nn`` module's code on the stack, or the engine's
+bit-identical fast forward ``FastForward.__call__``, which runs the model's modules without
+``nn.Module.__call__``) and how many
 are the engine's Python work around it (scheduling, sampling, detokenizing, and for requests
 that still go through ``generate``, its loop)? py-spy runs with ``--threads`` so each stack
 names its thread.
@@ -38,11 +40,19 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 THREAD_FRAME = re.compile(r"^thread \((?P<tid>[^)]*)\)(?::\s*(?P<name>.*))?$")
 PROCESS_FRAME = re.compile(r'^process \d+:".*"$')
 WORKER_THREAD_NAME = "peftserve-engine"
-# A frame of this file means the sample is inside a module's forward (the model, its layers,
-# the adapters' layers): the work the engine exists to feed, not the engine's own.
-FORWARD_FILE = "torch/nn/modules/module.py"
+# A frame of a file here means the sample is inside a module's forward (the model, its layers,
+# the adapters' layers): the work the engine exists to feed, not the engine's own. The whole
+# package, not only module.py's ``__call__``: py-spy sometimes gets the innermost frame only
+# (a bare ``Linear.forward``), and a torch.nn module's own code is the forward either way.
+FORWARD_FILE = "torch/nn/modules/"
+# The engine's fast forward (server/engine/fastpath.py) is the model's forward run without
+# ``nn.Module.__call__`` (its projections, routed adapters included, are called by ``.forward``):
+# a frame of its entry point marks a sample inside the forward just the same.
+FORWARD_ENTRY = ("FastForward.__call__", "server/engine/fastpath.py")
 # First match wins: the path fragment of a frame's file -> the part of the stack it belongs to.
 CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("server/engine/fastpath.py", "model forward (python)"),
+    ("server/engine/routing.py", "adapter routing (in the forward)"),
     ("server/engine/", "peftserve engine (batcher, rows, detokenizer)"),
     ("peftserve/server/engine/", "peftserve engine (batcher, rows, detokenizer)"),
     ("server/", "peftserve servicer/convert"),
@@ -60,6 +70,14 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("queue.py", "threads and locks"),
     ("tokenizers/", "tokenizer"),
 )
+
+
+def in_forward(frames: list[tuple[str, str]]) -> bool:
+    """Whether a stack (frames as (function, file)) is inside the model's forward."""
+    entry_func, entry_file = FORWARD_ENTRY
+    return any(
+        FORWARD_FILE in file or (func == entry_func and entry_file in file) for func, file in frames
+    )
 
 
 def categorize(file: str) -> str:
@@ -151,7 +169,7 @@ def worker_breakdown(path: Path, top: int = 12) -> dict[str, Any] | None:
     stacks = _read_stacks(path)
     forward_by_thread: Counter[str] = Counter()
     for thread, frames, count in stacks:
-        if any(FORWARD_FILE in file for _, file in frames):
+        if in_forward(frames):
             forward_by_thread[thread] += count
     names = {thread for thread, _, _ in stacks}
     if WORKER_THREAD_NAME in names:
@@ -168,7 +186,7 @@ def worker_breakdown(path: Path, top: int = 12) -> dict[str, Any] | None:
         if thread != worker:
             continue
         total += count
-        if any(FORWARD_FILE in file for _, file in frames):
+        if in_forward(frames):
             forward += count
             continue
         func, file = frames[-1]

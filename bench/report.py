@@ -281,8 +281,9 @@ def markdown_report(results: dict[str, Any]) -> str:
                     "",
                     f"Worker thread `{worker['thread']}`: {worker['samples']} samples, "
                     f"{worker['forward_percent']}% inside the model forward (a `torch.nn` "
-                    f"module call on the stack), **{worker['engine_python_percent']}% the "
-                    "engine's own Python around it**; that part by file and function:",
+                    "module or the fast forward on the stack), "
+                    f"**{worker['engine_python_percent']}% the engine's own Python around it**; "
+                    "that part by file and function:",
                     "",
                 ]
                 lines += [
