@@ -59,6 +59,7 @@ from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
 from .kv_cache import SlotLayer
+from .peft_guard import HOOK_DICTS
 
 # The transformers release whose modeling code this module reproduces op for op.
 TRANSFORMERS_VERSION = "5.24.0"
@@ -108,13 +109,6 @@ FAMILIES: dict[type, _Family] = {
     ),
 }
 
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_hooks",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
 _GLOBAL_HOOKS = (
     "_global_forward_pre_hooks",
     "_global_forward_hooks",
@@ -128,7 +122,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _has_hooks(model: nn.Module) -> bool:
     if any(getattr(torch_module, name, None) for name in _GLOBAL_HOOKS):
         return True
-    return any(getattr(m, name, None) for m in model.modules() for name in _HOOK_DICTS)
+    return any(getattr(m, name, None) for m in model.modules() for name in HOOK_DICTS)
 
 
 def _peft_why_not(peft_model: Any) -> str:

@@ -39,8 +39,9 @@ from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
 
-# Every per-module hook dict torch keeps, keyed by RemovableHandle id.
-_HOOK_DICTS = (
+# Every per-module hook dict torch keeps, keyed by RemovableHandle id (the fast forward also
+# reads it: a module with any entry here is not run without ``nn.Module.__call__``).
+HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
     "_forward_hooks",
@@ -77,7 +78,7 @@ def remove_hooks_since(model: torch.nn.Module, first_id: int) -> int:
     """Remove every hook with id >= ``first_id`` from every module of ``model``; the count."""
     removed: set[tuple[int, int]] = set()
     for module in model.modules():
-        for name in _HOOK_DICTS:
+        for name in HOOK_DICTS:
             hooks = getattr(module, name, None)
             if not hooks:
                 continue
