@@ -212,10 +212,8 @@ class FastForward:
         lm = model.base_model.model if isinstance(model, PeftModel) else model
         return cls(model, lm, FAMILIES[type(lm)]), ""
 
-    def why_not(self, cache: Any, position_ids: Any, attention_mask: Any = None) -> str:
+    def why_not(self, cache: Any, attention_mask: Any = None) -> str:
         """What, at this forward, the fast path would not reproduce ("" = nothing)."""
-        if position_ids is None:
-            return "no position_ids"
         if attention_mask is not None and attention_mask.ndim != 2:
             return "a mask that is not a 2-D padding mask"
         if self._hooked or RemovableHandle.next_id != self._hook_id:
@@ -561,7 +559,7 @@ class FastForwards:
         model: Any,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
         cache: Any,
     ) -> torch.Tensor | None:
         """The fast forward's (rows, 1, vocab) logits, or None: run the model's own forward."""
@@ -570,11 +568,11 @@ class FastForwards:
         fast, problem = self.plan(model)
         plan = None
         if fast is not None:
-            problem = fast.why_not(cache, position_ids, attention_mask)
+            problem = fast.why_not(cache, attention_mask)
             if not problem:
                 plan = fast.resolve()
                 problem = "" if plan is not None else "a module of another class in a layer"
-        if fast is None or plan is None or position_ids is None:
+        if fast is None or plan is None:
             self.fallbacks[problem] = self.fallbacks.get(problem, 0) + 1
             return None
         self.taken += 1
