@@ -88,13 +88,17 @@ def test_deadline_already_passed_is_refused(engine: Engine) -> None:
 
 
 def test_deadline_while_running_ends_rows(engine: Engine, aio: asyncio.Runner) -> None:
-    # As long as the random model's context allows (256): with the fast forward, 150 tokens
-    # took less than the 0.15 s this test used to give them.
+    # Every step is held 20 ms on the worker (a step listener), so 240 tokens take at least
+    # 4.8 s whatever the machine's speed: the 0.3 s deadline always passes while it runs.
     params = GenerationParams(max_new_tokens=240, min_new_tokens=240)
     request = replace(
-        LONG, request_id="deadline", parameters=params, deadline=time.monotonic() + 0.08
+        LONG, request_id="deadline", parameters=params, deadline=time.monotonic() + 0.3
     )
-    result = aio.run(engine.submit(request).result())
+    unsubscribe = engine.add_step_listener(lambda stats: time.sleep(0.02))
+    try:
+        result = aio.run(engine.submit(request).result())
+    finally:
+        unsubscribe()
     assert result.sequences[0].finish_reason is FinishReason.DEADLINE_EXCEEDED
     assert len(result.sequences[0].token_ids) < 240
     assert _idle(engine)
