@@ -45,6 +45,16 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 BUCKET = 64  # column capacities are multiples of this
 
 
+def _alloc(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A buffer of ``shape`` like ``like``, uninitialised: every cell a view ever shows is
+    written first (``update`` writes the new columns, ``append_rows`` and ``widen_left`` write
+    their padding, ``reserve``/``shrink`` copy the live region), so zeroing it would only cost
+    (a prefill's buffer has 64 columns of headroom it never uses when it is merged: zeroing it
+    was ~12% of a joiner's prefill). tests/engine/test_kv_cache.py runs every verb with
+    NaN-filled buffers to hold that."""
+    return like.new_empty(shape)
+
+
 def _bucket(columns: int) -> int:
     return -(-columns // BUCKET) * BUCKET
 
@@ -69,8 +79,8 @@ class SlotLayer(DynamicLayer):
         self.device = key_states.device
         rows, heads, columns, _ = key_states.shape
         capacity = _bucket(columns + BUCKET)
-        self._k = key_states.new_zeros((rows, heads, capacity, key_states.shape[-1]))
-        self._v = value_states.new_zeros((rows, heads, capacity, value_states.shape[-1]))
+        self._k = _alloc(key_states, (rows, heads, capacity, key_states.shape[-1]))
+        self._v = _alloc(value_states, (rows, heads, capacity, value_states.shape[-1]))
         self.rows, self.start, self.end = rows, 0, 0
         self.is_initialized = True
 
@@ -144,8 +154,8 @@ class SlotLayer(DynamicLayer):
         new_slots = slots if slots >= rows else max(rows, 2 * slots)
         new_columns = _bucket(left + width + right + max(BUCKET, width // 2))
         start = left
-        new_k = k.new_zeros((new_slots, k.shape[1], new_columns, k.shape[3]))
-        new_v = v.new_zeros((new_slots, v.shape[1], new_columns, v.shape[3]))
+        new_k = _alloc(k, (new_slots, k.shape[1], new_columns, k.shape[3]))
+        new_v = _alloc(v, (new_slots, v.shape[1], new_columns, v.shape[3]))
         live = slice(self.start, self.end)
         new_k[: self.rows, :, start : start + width] = k[: self.rows, :, live]
         new_v[: self.rows, :, start : start + width] = v[: self.rows, :, live]
@@ -162,8 +172,8 @@ class SlotLayer(DynamicLayer):
         width = self.end - self.start
         columns = _bucket(width + max(BUCKET, width // 2))
         live = slice(self.start, self.end)
-        new_k = k.new_zeros((max(1, 2 * self.rows), k.shape[1], columns, k.shape[3]))
-        new_v = v.new_zeros((max(1, 2 * self.rows), v.shape[1], columns, v.shape[3]))
+        new_k = _alloc(k, (max(1, 2 * self.rows), k.shape[1], columns, k.shape[3]))
+        new_v = _alloc(v, (max(1, 2 * self.rows), v.shape[1], columns, v.shape[3]))
         new_k[: self.rows, :, :width] = k[: self.rows, :, live]
         new_v[: self.rows, :, :width] = v[: self.rows, :, live]
         self._k, self._v = new_k, new_v

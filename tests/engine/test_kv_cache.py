@@ -1,6 +1,6 @@
 """The slot cache: in-place KV buffers that give the model exactly what ``DynamicCache`` gives.
 
-Two kinds of checks, both on real models:
+Three kinds of checks, all on real models:
 
 * the running batch's verbs (prefill, decode across buffer growth, joins wider and narrower
   than the batch, leaves that fill their slots from the end, joins into the freed slots), run
@@ -9,6 +9,8 @@ Two kinds of checks, both on real models:
   model, an all-sliding-window one and one that alternates both (windows of 6, so rows pass
   their window and stay cohorts of their own), and a buffer that shrinks when most of its rows
   left;
+* with every buffer NaN-filled instead of uninitialised, the same equality (a verb that
+  exposed a cell it did not write would turn logits into NaN);
 * through the real loop: a row that grows past its buffer, rows that leave without moving the
   others, then joiners that take the freed slots without a copy of the whole cache, all equal
   to their solo ``generate`` runs.
@@ -155,17 +157,34 @@ def _script(driver: _Driver) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _poison(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Slot buffers come NaN-filled instead of uninitialised: a cell read before it is written
+    turns its row's logits into NaN. Returns the buffers made, to check the poison took."""
+    made: list[torch.Tensor] = []
+
+    def alloc(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        made.append(like.new_full(shape, float("nan")))
+        return made[-1]
+
+    monkeypatch.setattr(kv_cache, "_alloc", alloc)
+    return made
+
+
+def _assert_same_logits(slot: _Driver, dynamic: _Driver) -> None:
+    assert slot.logits.keys() == dynamic.logits.keys()
+    for name in slot.logits:
+        assert len(slot.logits[name]) == len(dynamic.logits[name]), name
+        for step, (x, y) in enumerate(zip(slot.logits[name], dynamic.logits[name], strict=True)):
+            assert torch.equal(x, y), f"row {name}, step {step}"
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_slot_cache_gives_the_model_what_dynamic_cache_gives(family: str) -> None:
     model = _model(family)
     slot, dynamic = _Driver(model, "slot"), _Driver(model, "dynamic")
     shapes = _script(slot)
     _script(dynamic)
-    assert slot.logits.keys() == dynamic.logits.keys()
-    for name in slot.logits:
-        assert len(slot.logits[name]) == len(dynamic.logits[name]), name
-        for step, (x, y) in enumerate(zip(slot.logits[name], dynamic.logits[name], strict=True)):
-            assert torch.equal(x, y), f"row {name}, step {step}"
+    _assert_same_logits(slot, dynamic)
     if family != "mistral":  # full-attention layers are slot layers
         assert slot.grew, "decoding should have outgrown the first buffer"
         # f joined into a slot a leaver freed: no layer's buffer changed shape for it.
@@ -174,6 +193,26 @@ def test_slot_cache_gives_the_model_what_dynamic_cache_gives(family: str) -> Non
             assert shapes[2][0] == 13 and shapes[3][0] == 4
     else:
         assert not any(_slot_layers(b) for b in slot.batch), "sliding layers stay transformers'"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_no_verb_reads_a_buffer_cell_it_did_not_write(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Buffers are allocated uninitialised (kv_cache._alloc): growth, wider and narrower joins,
+    # leaves, joins into freed slots and shrinking must each write what they expose.
+    model = _model(family)
+    dynamic = _Driver(model, "dynamic")
+    _script(dynamic)
+    made = _poison(monkeypatch)
+    slot = _Driver(model, "slot")
+    _script(slot)
+    _assert_same_logits(slot, dynamic)
+    assert len(made) > 8, "the script should have made and grown slot buffers"
+    live = [layer for b in slot.batch for layer in _slot_layers(b)]
+    assert live and all(bool(layer._k.isnan().any()) for layer in live), (
+        "the poison should still sit in the cells nobody wrote"
+    )
 
 
 def test_unknown_layer_types_stay_what_transformers_made() -> None:
@@ -194,9 +233,16 @@ def _solo(engine: Engine, reference: Reference, request: GenerationRequest) -> t
     return tuple(reference.generate("", prompt, max_new_tokens=n, min_new_tokens=n)[0])
 
 
+@pytest.mark.parametrize("poisoned", [False, True], ids=["plain", "nan-buffers"])
 def test_growth_leaves_and_joins_into_freed_slots_through_the_loop(
-    engine: Engine, reference: Reference, aio: asyncio.Runner
+    engine: Engine,
+    reference: Reference,
+    aio: asyncio.Runner,
+    poisoned: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if poisoned:
+        _poison(monkeypatch)
     long = _greedy("long", "the quick brown fox", 150)
     shorts = [_greedy(f"short-{i}", f"row {i} of a burst", 8 + i) for i in range(5)]
     joiners = [_greedy(f"join-{i}", f"late {i}", 6) for i in range(3)]
