@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from peftserve.server.demo_tokenizer import EOS_ID, build_tokenizer
-from peftserve.server.engine.detokenize import TextStream
+from peftserve.server.engine.detokenize import TextStream, window_decoder
 
 TOKENIZER = build_tokenizer()
 
@@ -119,3 +119,50 @@ def test_random_byte_fallback_sequences_equal_decode() -> None:
             tokens,
             skip,
         )
+
+
+# ---- the window decodes: the Rust tokenizer directly where that is exactly ``decode`` ----
+
+
+def _tokenizers() -> dict[str, Any]:
+    from ..families.models import build_tokenizer as build_family_tokenizer
+
+    return {
+        "demo": TOKENIZER,
+        "bpe": build_family_tokenizer("bpe"),
+        "sp": build_family_tokenizer("sp"),
+    }
+
+
+@pytest.mark.parametrize("name", ["demo", "bpe", "sp"])
+def test_direct_window_decodes_equal_decode(name: str) -> None:
+    tok = _tokenizers()[name]
+    rng = random.Random(3)
+    vocab = len(tok)
+    for skip in (True, False):
+        decode = window_decoder(tok, skip)
+        assert decode.__name__ == "direct", "a plain tokenizers-backed tokenizer goes direct"
+        for _ in range(300):
+            tokens = [rng.randrange(vocab) for _ in range(rng.randrange(0, 12))]
+            assert decode(tokens) == tok.decode(tokens, skip_special_tokens=skip), tokens
+
+
+def test_a_tokenizer_with_its_own_decoding_keeps_it() -> None:
+    from ..families.models import build_tokenizer as build_family_tokenizer
+
+    cleaning = build_family_tokenizer("bpe")
+    cleaning.clean_up_tokenization_spaces = True
+    assert window_decoder(cleaning, True).__name__ == "wrapped"
+
+    shouting = build_family_tokenizer("bpe")
+
+    class Shouting(type(shouting)):  # type: ignore[misc]
+        def _decode(self, *args: Any, **kwargs: Any) -> str:
+            return str(super()._decode(*args, **kwargs)).upper()
+
+    shouting.__class__ = Shouting
+    tokens = shouting("the quick fox", add_special_tokens=False)["input_ids"]
+    assert window_decoder(shouting, True).__name__ == "wrapped"
+    stream = TextStream(shouting, (), True)
+    deltas = [stream.push(t) for t in tokens] + [stream.finish()]
+    assert "".join(deltas) == stream.text == "THE QUICK FOX"
