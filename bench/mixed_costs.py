@@ -15,6 +15,10 @@ Each mix runs on each ``--paths`` kind, the kinds alternating repeat by repeat:
 every adapter's delta on its span, one ``index_add_`` per layer), ``per-group`` the path before
 it (per adapter and layer an ``index_select`` of its rows and an ``index_add_`` of its delta),
 still what contiguous rows take. Both give every row the same bits (tests/engine/test_routing.py).
+With ``--against FILE`` (another ``routing.py``, e.g. main's: ``git show main:server/engine/
+routing.py > /tmp/main_routing.py``) the kind ``against`` is the routed tree that file builds
+over the same base and adapters, so a change to ``routing.py`` is measured before/after in one
+process, under one load.
 
 Per cell: the worker thread's CPU time (``time.thread_time``, less sensitive to the load of a
 shared machine than the wall clock) of one decode step (forward + sampler) and of one prefill
@@ -27,15 +31,18 @@ input, gate/up on one, down on another, as the model calls them) on a ``--rows``
 input, best of ``--repeats`` x 10 runs of 10 (the best of many short runs is what a loaded
 machine still measures steadily), for base-only rows, all rows on one adapter (LoRA, LoHa) and
 the mixes. Usage: ``python bench/mixed_costs.py [--layer] [--rows 55] [--width 40]
-[--joiners 2] [--prompt 16] [--repeats 15] [--paths gathered,per-group] [--threads 1]``.
+[--joiners 2] [--prompt 16] [--repeats 15] [--paths gathered,per-group] [--against FILE]
+[--threads 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +52,7 @@ from typing import Any
 
 import torch
 from peftserve.server.engine import kv_cache, routing
-from peftserve.server.engine.registry import ROUTED_GROUP, AdapterRegistry
+from peftserve.server.engine.registry import ROUTED_GROUP, AdapterRegistry, share_weights_copy
 from peftserve.server.engine.running import SubBatch, SubBatchKey
 from peftserve.server.engine.sampler import Sampler
 from peftserve.server.engine.step import ModelStep, prefill_inputs
@@ -73,11 +80,29 @@ def _row(adapter: str) -> Any:
     )
 
 
+def _against_tree(registry: AdapterRegistry, path: Path) -> Any:
+    """The routed tree the ``routing.py`` at ``path`` builds over the registry's base and with
+    its routed adapters (read from their type groups' models, as the registry adds them)."""
+    name = "peftserve.server.engine._against_routing"  # its relative imports: this package's
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    tree = module.RoutedTree(share_weights_copy(registry.base))
+    for adapter in sorted(registry.routed.adapters):
+        tree.add(registry.groups[registry.type_group(adapter)].model, adapter)
+    return tree
+
+
 @contextmanager
-def _path(kind: str) -> Iterator[None]:
+def _path(kind: str, registry: AdapterRegistry, against: Any) -> Iterator[None]:
     """The routed tree takes ``kind``'s path while this is open."""
     original = routing.Routing.assign
-    if kind == "per-group":
+    tree = registry.routed
+    if kind == "against":
+        registry.routed = against
+    elif kind == "per-group":
 
         def assign(self: routing.Routing, names: Any, device: torch.device) -> None:
             original(self, names, device)
@@ -88,6 +113,7 @@ def _path(kind: str) -> Iterator[None]:
         yield
     finally:
         routing.Routing.assign = original  # type: ignore[method-assign]
+        registry.routed = tree
 
 
 class _Counter(TorchFunctionMode):
@@ -137,8 +163,9 @@ def _cpu_ms(fn: Callable[[], object], times: int) -> float:
     return (time.thread_time() - started) * 1000.0 / times
 
 
-def _layer_table(registry: AdapterRegistry, args: argparse.Namespace, paths: list[str]) -> None:
-    tree = registry.routed
+def _layer_table(
+    registry: AdapterRegistry, args: argparse.Namespace, paths: list[str], against: Any
+) -> None:
     rng = random.Random(0)
     mixes = {
         "base only": [routing.BASE_ROW_MARKER] * args.rows,
@@ -146,13 +173,13 @@ def _layer_table(registry: AdapterRegistry, args: argparse.Namespace, paths: lis
         "all on title (LoHa)": ["title"] * args.rows,
         **{m: [rng.choice(a) for _ in range(args.rows)] for m, a in MIXES.items() if len(a) > 1},
     }
-    layer: Any = tree.model.get_submodule("model.layers.0")
-    attention, mlp = layer.self_attn, layer.mlp
     config = registry.base.config
     hidden = torch.randn(args.rows, 1, int(config.hidden_size))
     inner = torch.randn(args.rows, 1, int(config.intermediate_size))
 
     def modules() -> None:
+        layer: Any = registry.routed.model.get_submodule("model.layers.0")
+        attention, mlp = layer.self_attn, layer.mlp
         for proj in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
             proj(hidden)
         mlp.gate_proj(hidden)
@@ -163,9 +190,9 @@ def _layer_table(registry: AdapterRegistry, args: argparse.Namespace, paths: lis
     with torch.inference_mode():
         for repeat in range(2):
             for kind in paths if repeat % 2 == 0 else list(reversed(paths)):
-                with _path(kind):
+                with _path(kind, registry, against):
                     for mix, names in mixes.items():
-                        tree.assign(names)
+                        registry.routed.assign(names)
                         runs = [_cpu_ms(modules, 10) for _ in range(args.repeats * 5)]
                         us = min(runs) * 1000.0
                         best[kind, mix] = min(best.get((kind, mix), us), us)
@@ -185,6 +212,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16, help="tokens per joining prompt")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--paths", default="gathered,per-group")
+    parser.add_argument("--against", type=Path, help="a routing.py to compare with (kind against)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layer", action="store_true", help="time one decoder layer's modules")
     args = parser.parse_args()
@@ -196,8 +224,12 @@ def main() -> None:
     step = ModelStep(registry, device)
     sampler = Sampler(device, lambda t: str(t))
     paths = args.paths.split(",")
+    against = None
+    if args.against is not None:
+        against = _against_tree(registry, args.against)
+        paths.append("against")
     if args.layer:
-        _layer_table(registry, args, paths)
+        _layer_table(registry, args, paths, against)
         return
     rng = random.Random(0)
     rows = {m: [rng.choice(a) for _ in range(args.rows)] for m, a in MIXES.items()}
@@ -212,7 +244,7 @@ def main() -> None:
     calls: dict[tuple[str, str], collections.Counter[str]] = {}
     for repeat in range(args.repeats):
         for kind in paths if repeat % 2 == 0 else list(reversed(paths)):
-            with _path(kind):
+            with _path(kind, registry, against):
                 for mix in MIXES:
                     batch = _prefilled(step, sampler, rows[mix], decoding)
                     _decode(step, sampler, batch)  # warm-up

@@ -47,7 +47,6 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn import functional
-from torch.nn.modules import module as torch_module
 from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache
 from transformers.activations import SiLUActivation
@@ -59,7 +58,7 @@ from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
 from .kv_cache import SlotLayer
-from .peft_guard import HOOK_DICTS
+from .peft_guard import has_hooks
 
 # The transformers release whose modeling code this module reproduces op for op.
 TRANSFORMERS_VERSION = "5.24.0"
@@ -109,20 +108,7 @@ FAMILIES: dict[type, _Family] = {
     ),
 }
 
-_GLOBAL_HOOKS = (
-    "_global_forward_pre_hooks",
-    "_global_forward_hooks",
-    "_global_forward_hooks_always_called",
-    "_global_backward_pre_hooks",
-    "_global_backward_hooks",
-)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _has_hooks(model: nn.Module) -> bool:
-    if any(getattr(torch_module, name, None) for name in _GLOBAL_HOOKS):
-        return True
-    return any(getattr(m, name, None) for m in model.modules() for name in HOOK_DICTS)
 
 
 def _peft_why_not(peft_model: Any) -> str:
@@ -220,7 +206,7 @@ class FastForward:
             # A hook may have been registered since the last look (ids come from one counter),
             # or removed since the last look found one (a scan per forward while hooked).
             self._hook_id = RemovableHandle.next_id
-            self._hooked = _has_hooks(self.model)
+            self._hooked = has_hooks(self.model)
         if self._hooked:
             return "hooks on the model"
         if self.model.training or self.lm.training:

@@ -35,12 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.modules import module as torch_module
 from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
 
-# Every per-module hook dict torch keeps, keyed by RemovableHandle id (the fast forward also
-# reads it: a module with any entry here is not run without ``nn.Module.__call__``).
+# Every per-module hook dict torch keeps, keyed by RemovableHandle id (the fast forward and the
+# routed tree's layers also read it, in ``has_hooks``: a module with any entry here is not run
+# without ``nn.Module.__call__``).
 HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
@@ -50,6 +52,21 @@ HOOK_DICTS = (
     "_backward_pre_hooks",
     "_backward_hooks",
 )
+# torch's process-wide module hook dicts (``register_module_forward_hook`` ...).
+GLOBAL_HOOK_DICTS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+def has_hooks(model: torch.nn.Module) -> bool:
+    """Whether ``nn.Module.__call__`` of ``model`` or of any module inside it runs a hook."""
+    if any(getattr(torch_module, name, None) for name in GLOBAL_HOOK_DICTS):
+        return True
+    return any(getattr(m, name, None) for m in model.modules() for name in HOOK_DICTS)
 
 
 @dataclass

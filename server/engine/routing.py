@@ -15,11 +15,17 @@ of the peft layer of the adapter's type group (no copy either). The row assignme
 once per forward (``Routing.assign``: per adapter an index tensor, or a slice where its rows
 are contiguous, or "all rows"), and every layer reads it. Where some adapter's rows are
 interleaved with others', a layer gathers its input once in adapter order (q/k/v, and gate/up,
-share one gather per forward), computes each adapter's increment on its span and adds them all
-with one ``index_add_``: two operations per layer instead of two per adapter and layer, the
-same additions (``RoutedLayer._forward_gathered``). Each row therefore gets the numbers its
-solo forward computes; ``tests/engine/test_routing.py`` checks the logits bit for bit, the
-fidelity tests (``tests/engine/test_fidelity.py``, ``tests/families``) token by token.
+share one gather, cut once into the adapters' spans, per forward), computes each adapter's
+increment on its span and adds them all with one ``index_add_``: two operations per layer
+instead of two per adapter and layer, the same additions (``RoutedLayer._forward_gathered``).
+What a layer adds where is worked out once per assignment and kept with it (``_Plan``; the last
+few assignments are kept, since decode steps repeat theirs and alternate with the joiners'
+prefills). Per call, the small things cost: a plain ``nn.Linear`` base is applied as its
+``forward`` would be, without ``nn.Module.__call__``, while no hook asks for the call; LoRA's
+scaling multiplies the fresh product in place, by a 0-dim tensor of the value torch makes of
+the Python number (``multiplier``); the same bits, fewer tensors. Each row therefore gets the
+numbers its solo forward computes; ``tests/engine/test_routing.py`` checks the logits bit for
+bit, the fidelity tests (``tests/engine/test_fidelity.py``, ``tests/families``) token by token.
 
 Routable: the peft layer classes in ``_DELTAS`` (LoRA ``Linear``/``Embedding`` without a
 variant such as DoRA; LoHa, LoKr and IA3 ``Linear``) in eval mode; an adapter with any other
@@ -32,7 +38,7 @@ registry's load-time probe turns into "served alone".
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +49,9 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional
+from torch.utils.hooks import RemovableHandle
+
+from .peft_guard import has_hooks
 
 # peft's marker for "no adapter" rows; such rows get the base layer's output only.
 BASE_ROW_MARKER = "__base__"
@@ -51,6 +60,9 @@ BASE_ROW_MARKER = "__base__"
 Rows = slice | torch.Tensor | None
 # Bytes of LoHa/LoKr delta weights kept between forwards (see ``_lycoris_linear``).
 DELTA_CACHE_BYTES = 256 << 20
+# Row assignments kept with their layers' plans (a step's decode forward and its joiners'
+# prefill alternate between two; a few more cost nothing).
+KEPT_ASSIGNMENTS = 4
 
 
 class RoutingError(RuntimeError):
@@ -63,82 +75,146 @@ class Routing:
     With rows of some adapter interleaved with others (an index tensor), the layers take the
     gathered path (``RoutedLayer._forward_gathered``): ``order`` lists the rows of every adapter
     group, group after group (``spans``: where each group's rows lie in it), a layer's input is
-    gathered in that order once (``gathered``: the same input tensor, e.g. the one hidden state
-    q/k/v or gate/up all read, is gathered once per forward), each adapter's delta is computed
-    on its span, and every delta of the layer is added back with one ``index_add_``.
+    gathered in that order once and cut into its groups' spans once (``views``: the same input
+    tensor, e.g. the one hidden state q/k/v or gate/up all read, is gathered and cut once per
+    forward), each adapter's delta is computed on its span, and every delta of the layer is
+    added back with one ``index_add_``.
+
+    An assignment is kept, with what each layer worked out for it (its ``_Plan``), for the next
+    forwards of the same rows: most decode steps route the rows of the step before, and a
+    step's decode forward and its joiners' prefill alternate between two assignments.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = KEPT_ASSIGNMENTS) -> None:
         self.rows = 0
         self.groups: tuple[tuple[str, Rows], ...] = ()
-        self._names: tuple[str, ...] = ()
         self.order: torch.Tensor | None = None  # None: the groups are used as they are
-        self.spans: dict[str, slice] = {}
-        self._orders: dict[tuple[str, ...], torch.Tensor] = {}
+        self.spans: tuple[tuple[str, slice], ...] = ()
+        self.plans: dict[RoutedLayer, _Plan] = {}
+        self._keep = keep
+        self._current: _Assignment | None = None
+        self._kept: dict[tuple[str, ...], _Assignment] = {}  # oldest first
         self._source: torch.Tensor | None = None
-        self._gathered: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
 
     def assign(self, names: Sequence[str], device: torch.device) -> None:
         """Route row ``i`` through adapter ``names[i]`` (``BASE_ROW_MARKER``: none)."""
         # A new forward: never reuse the last forward's gathered input.
-        self._source = self._gathered = None
+        self._source = None
+        self._views = []
         key = tuple(names)
-        if key == self._names:
+        current = self._current
+        if current is not None and key == current.names:
             return  # the same rows as the last forward (most decode steps)
+        found = self._kept.pop(key, None)
+        if found is None or found.device != device:
+            found = _Assignment.of(key, device)
+        self._kept[key] = found  # now the newest
+        if len(self._kept) > self._keep:
+            del self._kept[next(iter(self._kept))]
+        self._current = found
+        self.rows = len(key)
+        self.groups = found.groups
+        self.order = found.order
+        self.spans = found.spans
+        self.plans = found.plans
+
+    def views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x``'s rows of each group in ``spans`` (gathered once for the layers fed ``x``)."""
+        if self._source is not x:
+            assert self.order is not None
+            gathered = x.index_select(0, self.order)
+            self._views = [gathered[span] for _, span in self.spans]
+            self._source = x  # held: no other tensor can take its identity meanwhile
+        return self._views
+
+    def order_of(self, groups: tuple[int, ...]) -> torch.Tensor:
+        """The rows of the groups at ``groups`` in ``spans``, as ``order`` lists them."""
+        assert self._current is not None and self.order is not None
+        orders = self._current.orders
+        found = orders.get(groups)
+        if found is None:
+            if len(groups) == len(self.spans):
+                found = self.order
+            else:
+                found = torch.cat([self.order[self.spans[i][1]] for i in groups])
+            orders[groups] = found
+        return found
+
+    def forget(self, layer: RoutedLayer) -> None:
+        """Drop ``layer``'s plans (its adapters changed)."""
+        for kept in self._kept.values():
+            kept.plans.pop(layer, None)
+
+    def clear(self) -> None:
+        """Forget every assignment (and the plans made for them): the layers changed."""
+        self.rows = 0
+        self.groups = ()
+        self.order = None
+        self.spans = ()
+        self.plans = {}
+        self._current = None
+        self._kept = {}
+        self._source = None
+        self._views = []
+
+
+@dataclass(eq=False)
+class _Assignment:
+    """One row assignment: its groups, and where each lies in ``order`` (interleaved rows)."""
+
+    names: tuple[str, ...]
+    device: torch.device
+    groups: tuple[tuple[str, Rows], ...]
+    order: torch.Tensor | None
+    spans: tuple[tuple[str, slice], ...]
+    orders: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    plans: dict[RoutedLayer, _Plan] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, names: tuple[str, ...], device: torch.device) -> _Assignment:
         positions: dict[str, list[int]] = {}
-        for i, name in enumerate(key):
+        for i, name in enumerate(names):
             positions.setdefault(name, []).append(i)
         positions.pop(BASE_ROW_MARKER, None)
         groups: list[tuple[str, Rows]] = []
         interleaved = False
         for name, rows in positions.items():
-            if len(rows) == len(key):
+            if len(rows) == len(names):
                 groups.append((name, None))
             elif rows[-1] - rows[0] + 1 == len(rows):
                 groups.append((name, slice(rows[0], rows[-1] + 1)))
             else:
                 groups.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
                 interleaved = True
-        self.rows = len(key)
-        self.groups = tuple(groups)
-        self._names = key
-        self._orders = {}
-        self.spans = {}
-        self.order = None
-        if interleaved:
-            order: list[int] = []
-            for name, rows in positions.items():
-                self.spans[name] = slice(len(order), len(order) + len(rows))
-                order.extend(rows)
-            self.order = torch.tensor(order, dtype=torch.long, device=device)
-            self._orders[tuple(positions)] = self.order
+        if not interleaved:
+            return cls(names, device, tuple(groups), None, ())
+        order: list[int] = []
+        spans: list[tuple[str, slice]] = []
+        for name, rows in positions.items():
+            spans.append((name, slice(len(order), len(order) + len(rows))))
+            order.extend(rows)
+        order_tensor = torch.tensor(order, dtype=torch.long, device=device)
+        return cls(names, device, tuple(groups), order_tensor, tuple(spans))
 
-    def gathered(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``'s rows in ``order`` (gathered once for the layers fed this very tensor)."""
-        assert self.order is not None
-        if self._source is not x:
-            self._gathered = x.index_select(0, self.order)
-            self._source = x  # held: no other tensor can take its identity meanwhile
-        assert self._gathered is not None
-        return self._gathered
 
-    def order_of(self, names: tuple[str, ...]) -> torch.Tensor:
-        """The rows of the groups ``names`` (in group order), as ``order`` lists them."""
-        found = self._orders.get(names)
-        if found is None:
-            assert self.order is not None
-            found = torch.cat([self.order[self.spans[name]] for name in names])
-            self._orders[names] = found
-        return found
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What one layer does on the gathered path for one assignment and input/result dtypes.
 
-    def clear(self) -> None:
-        self.rows = 0
-        self.groups = ()
-        self._names = ()
-        self.order = None
-        self.spans = {}
-        self._orders = {}
-        self._source = self._gathered = None
+    ``adds``: (increment, index in ``Routing.spans``) of every adapter whose increment, of the
+    result's dtype, is added as it is (``result + increment`` keeps that dtype): computed on the
+    group's span and added with one ``index_add_`` over ``order`` (their rows, span after span).
+    ``casts``: (increment, span index, rows, dtype) of the others (an adapter of another dtype
+    than the result, or whose increment's dtype is known only once computed): the sum is cast
+    as the solo forward casts it and copied back to the rows.
+    """
+
+    x_dtype: torch.dtype
+    result_dtype: torch.dtype
+    adds: tuple[tuple[Callable[[torch.Tensor], torch.Tensor], int], ...]
+    order: torch.Tensor
+    casts: tuple[tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.Tensor, torch.dtype], ...]
 
 
 @dataclass(frozen=True)
@@ -152,6 +228,7 @@ class Delta:
     """
 
     increment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    dtype: torch.dtype | None = None  # the increment's (the adapter weights')
     to_input_dtype: bool = False
     output_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
     input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -181,6 +258,14 @@ class RoutedLayer(nn.Module):
         self.scales_input = False  # some adapter here transforms the base layer's input
         self.additive = True  # every adapter here adds an increment (no IA3 scaling)
         self._routing = routing
+        # A plain nn.Linear base is applied as its forward would be, without nn.Module.__call__
+        # (~3 us a call), while no hook anywhere asks for the call (checked as the fast path
+        # does: hook ids come from one counter, so a new hook changes it).
+        self._linear: dict[str, Any] | None = None
+        if type(base_layer) is nn.Linear:
+            self._linear = base_layer._parameters
+        self._hook_id = -1
+        self._hooked = True
 
     def set_delta(self, name: str, delta: Delta | None) -> None:
         if delta is None:
@@ -189,6 +274,7 @@ class RoutedLayer(nn.Module):
             self.deltas[name] = delta
         self.scales_input = any(d.input_scale is not None for d in self.deltas.values())
         self.additive = all(d.increment is not None for d in self.deltas.values())
+        self._routing.forget(self)
 
     def _check_rows(self, x: torch.Tensor, rows: Rows) -> None:
         if rows is not None and x.shape[0] != self._routing.rows:
@@ -209,11 +295,22 @@ class RoutedLayer(nn.Module):
             fed = _replace_rows(fed, rows, delta.input_scale)
         return fed
 
+    def _base(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        params = self._linear
+        if params is not None and not args and not kwargs:
+            if RemovableHandle.next_id != self._hook_id:
+                self._hook_id = RemovableHandle.next_id
+                self._hooked = has_hooks(self.base_layer)
+            if not self._hooked:
+                return functional.linear(x, params["weight"], params["bias"])  # nn.Linear.forward
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._routing.order is not None and self.additive:
             return self._forward_gathered(x, *args, **kwargs)
         fed = self._base_input(x) if self.scales_input else x
-        result: torch.Tensor = self.base_layer(fed, *args, **kwargs)
+        result = self._base(fed, args, kwargs)
         for name, rows in self._routing.groups:
             delta = self.deltas.get(name)
             if delta is None:
@@ -226,7 +323,11 @@ class RoutedLayer(nn.Module):
                 continue  # applied to the base layer's input
             dtype = x.dtype if delta.to_input_dtype else result.dtype
             if rows is None:
-                result = (result + delta.increment(x)).to(dtype)
+                increment = delta.increment(x)
+                if increment.dtype == result.dtype == dtype:
+                    result.add_(increment)  # the same addition as ``result + increment``
+                else:
+                    result = (result + increment).to(dtype)
                 continue
             if isinstance(rows, slice):
                 increment = delta.increment(x[rows])
@@ -248,33 +349,64 @@ class RoutedLayer(nn.Module):
         """``forward`` for interleaved rows (see ``Routing``): each row's increment, computed by
         the same operations on the same rows and added by the same single addition, with one
         gather per input tensor and one ``index_add_`` per layer instead of an ``index_select``
-        and an ``index_add_`` per adapter and layer."""
+        and an ``index_add_`` per adapter and layer; what to add where is worked out once per
+        assignment (``_plan``)."""
         routing = self._routing
-        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        result = self._base(x, args, kwargs)
         if x.shape[0] != routing.rows:
             self._check_rows(x, slice(None))
-        gathered: torch.Tensor | None = None
-        parts: list[torch.Tensor] = []
-        added: list[str] = []
-        for name, span in routing.spans.items():
+        plan = routing.plans.get(self)
+        if plan is None or plan.x_dtype is not x.dtype or plan.result_dtype is not result.dtype:
+            plan = self._plan(x.dtype, result.dtype)
+        adds = plan.adds
+        if not adds and not plan.casts:
+            return result  # no adapter of this forward targets this module
+        views = routing.views(x)
+        for increment, i, rows, dtype in plan.casts:
+            part = (result.index_select(0, rows) + increment(views[i])).to(dtype)
+            result.index_copy_(0, rows, part)
+        if len(adds) == 1:
+            increment, i = adds[0]
+            result.index_add_(0, plan.order, increment(views[i]))
+        elif adds:
+            parts = [increment(views[i]) for increment, i in adds]
+            result.index_add_(0, plan.order, torch.cat(parts))
+        return result
+
+    def _plan(self, x_dtype: torch.dtype, result_dtype: torch.dtype) -> _Plan:
+        """This layer's ``_Plan`` for the current assignment (kept with it)."""
+        routing = self._routing
+        adds: list[tuple[Callable[[torch.Tensor], torch.Tensor], int]] = []
+        casts = []
+        for i, (name, _) in enumerate(routing.spans):
             delta = self.deltas.get(name)
             if delta is None or delta.increment is None:
                 continue  # this adapter does not target this module
-            if gathered is None:
-                gathered = routing.gathered(x)
-            increment = delta.increment(gathered[span])
-            dtype = x.dtype if delta.to_input_dtype else result.dtype
-            if increment.dtype == result.dtype == dtype:
-                parts.append(increment)
-                added.append(name)
-                continue
-            rows = routing.order_of((name,))
-            part = (result.index_select(0, rows) + increment).to(dtype)
-            result.index_copy_(0, rows, part)
-        if parts:
-            source = parts[0] if len(parts) == 1 else torch.cat(parts)
-            result.index_add_(0, routing.order_of(tuple(added)), source)
-        return result
+            dtype = x_dtype if delta.to_input_dtype else result_dtype
+            if delta.dtype == result_dtype == dtype:
+                adds.append((delta.increment, i))
+            else:
+                casts.append((delta.increment, i, routing.order_of((i,)), dtype))
+        assert routing.order is not None
+        order = routing.order_of(tuple(i for _, i in adds)) if adds else routing.order
+        plan = _Plan(x_dtype, result_dtype, tuple(adds), order, tuple(casts))
+        routing.plans[self] = plan
+        return plan
+
+
+def multiplier(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (peft's scaling, a Python float) as a 0-dim CPU tensor multiplying a ``dtype``
+    tensor to the very bits the Python number gives, without the tensor torch wraps the number
+    into in every multiply: the number rounded to float64 for float64 tensors, to float32 for
+    float32, float16 and bfloat16 ones (the value torch converts the number to and computes those
+    products with). Anything else stays as it is."""
+    if type(value) is not float:
+        return value
+    if dtype == torch.float64:
+        return torch.tensor(value, dtype=torch.float64)
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.tensor(value, dtype=torch.float32)
+    return value
 
 
 def _lora_linear(layer: Any, name: str, cache_budget: int) -> Delta | None:
@@ -283,15 +415,16 @@ def _lora_linear(layer: Any, name: str, cache_budget: int) -> Delta | None:
     weight_a = layer.lora_A[name].weight
     lora_b = layer.lora_B[name]
     weight_b, bias_b = lora_b.weight, lora_b.bias
-    scaling = layer.scaling[name]
+    scaling = multiplier(layer.scaling[name], weight_b.dtype)
     cast = layer._cast_input_dtype
 
     def increment(x: torch.Tensor) -> torch.Tensor:
-        # lora.Linear.forward: dropout is the identity in eval mode, lora_A/lora_B are Linear.
+        # lora.Linear.forward: dropout is the identity in eval mode, lora_A/lora_B are Linear;
+        # ``* scaling`` in place on the fresh product (the same multiply, one tensor less).
         after_a = functional.linear(cast(x, weight_a.dtype), weight_a)
-        return functional.linear(after_a, weight_b, bias_b) * scaling
+        return functional.linear(after_a, weight_b, bias_b).mul_(scaling)
 
-    return Delta(increment)
+    return Delta(increment, dtype=weight_b.dtype)
 
 
 def _lora_embedding(layer: Any, name: str, cache_budget: int) -> Delta | None:
@@ -313,7 +446,7 @@ def _lora_embedding(layer: Any, name: str, cache_budget: int) -> Delta | None:
             output = output * embed_scale.to(output.dtype)
         return output
 
-    return Delta(increment)
+    return Delta(increment, dtype=embedding_b.dtype)
 
 
 def _lycoris_linear(layer: Any, name: str, cache_budget: int) -> Delta | None:
@@ -331,12 +464,13 @@ def _lycoris_linear(layer: Any, name: str, cache_budget: int) -> Delta | None:
         def cached(x: torch.Tensor) -> torch.Tensor:
             return functional.linear(cast(x, delta_weight.dtype), delta_weight)
 
-        return Delta(cached, to_input_dtype=True, cached_bytes=size)
+        return Delta(cached, delta_weight.dtype, to_input_dtype=True, cached_bytes=size)
 
     def increment(x: torch.Tensor) -> torch.Tensor:
         # loha/lokr Linear.forward in eval mode (no module or rank dropout).
         return layer._get_delta_activations(name, x)
 
+    # Its dtype is the delta weight's, known once built: the gathered path adds it as a cast.
     return Delta(increment, to_input_dtype=True)
 
 

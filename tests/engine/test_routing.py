@@ -11,13 +11,20 @@ built once:
 * the engine: concurrent requests on every adapter and on base, interleaved, return the tokens
   of a solo ``PeftModel.generate``, and the rows of routed adapters (LoRA, LoHa, LoKr, IA3)
   shared their forwards;
-* what cannot be routed (DoRA here) is refused by ``RoutedTree.why_not`` and served alone.
+* what cannot be routed (DoRA here) is refused by ``RoutedTree.why_not`` and served alone;
+* the gathered path's other branches: LoHa/LoKr deltas rebuilt per forward (no cache budget) and
+  an adapter of another dtype than the base (bfloat16 LoRA weights on the float32 model), whose
+  sums are cast, interleaved with the others, still give solo bits; plans kept per assignment
+  stay right when assignments alternate and when old ones are dropped; a hook on a base module
+  still runs (the plain ``nn.Linear`` bases are applied without ``__call__`` only while no
+  hook asks for it); LoRA's scaling as a 0-dim tensor multiplies to the Python number's bits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +33,7 @@ from typing import Any
 import pytest
 import torch
 from peft import IA3Config, LoKrConfig, LoraConfig, PeftModel, get_peft_model
-from peftserve.server.engine import Engine
+from peftserve.server.engine import Engine, routing
 from peftserve.server.engine.registry import share_weights_copy
 from peftserve.server.engine.routing import BASE_ROW_MARKER, RoutedTree
 from peftserve.server.engine.types import GenerationParams, GenerationRequest
@@ -231,6 +238,156 @@ def test_dora_is_not_routable_and_a_removed_adapter_unwraps(files: ModelFiles) -
     tree.remove("default")
     assert not tree.layers and not tree.adapters
     assert {type(m) for m in tree.model.modules()} == {type(m) for m in base.modules()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_a_multiplier_tensor_multiplies_to_the_bits_of_the_python_number(
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(3)
+    x = (torch.randn(64, 1, 96) * 10).to(dtype)
+    specials = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-40, 6e-5, 6e4, 1e-8]
+    x.view(-1)[: len(specials)] = torch.tensor(specials).to(dtype)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    for value in (2.0, 8 / 3, 0.1, 1 / math.sqrt(7), 16 / math.sqrt(3), 1e-3, 0.5, 3.0e38):
+        scale = routing.multiplier(value, dtype)
+        assert isinstance(scale, torch.Tensor) and scale.ndim == 0
+        expected = (x * value).view(bits)
+        assert torch.equal((x * scale).view(bits), expected), value
+        assert torch.equal(x.clone().mul_(scale).view(bits), expected), value
+
+
+@dataclass
+class OtherTree:
+    tree: RoutedTree
+    solo: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def other_tree(files: ModelFiles) -> OtherTree:
+    """A tree with no delta cache (LoHa/LoKr rebuilt per forward, as peft does) and ``lowp``,
+    a LoRA adapter whose weights are bfloat16 on the float32 base (peft casts the input to
+    them; the sum is float32)."""
+    base = AutoModelForCausalLM.from_pretrained(files.base, dtype=torch.float32).eval()
+    tree = RoutedTree(share_weights_copy(base), delta_cache_bytes=0)
+    solo: dict[str, Any] = {}
+    for name in ("upper", "title", "kron", "scale", "lora3"):
+        model = PeftModel.from_pretrained(
+            share_weights_copy(base), files.adapters / name, adapter_name=name
+        ).eval()
+        solo[name] = model
+    lowp = PeftModel.from_pretrained(
+        share_weights_copy(base), files.adapters / "reverse", adapter_name="lowp"
+    ).eval()
+    with torch.no_grad():
+        for param_name, param in lowp.named_parameters():
+            if "lora_" in param_name:
+                param.data = param.data.to(torch.bfloat16)
+    solo["lowp"] = lowp
+    for name, model in solo.items():
+        assert RoutedTree.why_not(model, name) == ""
+        tree.add(model, name)
+    assert tree.cached_bytes() == 0
+    solo[BASE_ROW_MARKER] = base
+    return OtherTree(tree, solo)
+
+
+def test_uncached_and_other_dtype_adapters_on_the_gathered_path_get_solo_bits(
+    other_tree: OtherTree,
+) -> None:
+    names = ["lowp", "title", BASE_ROW_MARKER, "upper", "kron", "lowp", "scale", "title"]
+    names += ["lora3", "upper", "kron", "lowp"]
+    torch.manual_seed(13)
+    ids = torch.randint(3, 250, (len(names), 6))
+    tokens = [torch.randint(3, 250, (len(names), 1)) for _ in range(2)]
+    first = {name: names.index(name) for name in names}
+    perm = sorted(range(len(names)), key=lambda i: first[names[i]])
+    grouped = [names[i] for i in perm]
+    tree = other_tree.tree
+    with torch.inference_mode():
+        tree.assign(names)
+        assert tree.routing.order is not None  # the gathered path
+        routed = tree.model(input_ids=ids).logits
+        for i, name in enumerate(names):
+            expected = other_tree.solo[name](input_ids=ids[i : i + 1]).logits[0]
+            assert torch.equal(routed[i], expected), name
+        interleaved = _prefill_and_decode(tree, names, ids, tokens)
+        contiguous = _prefill_and_decode(tree, grouped, ids[perm], [t[perm] for t in tokens])
+    for step, (mixed, reference) in enumerate(zip(interleaved, contiguous, strict=True)):
+        for j, i in enumerate(perm):
+            assert torch.equal(mixed[i], reference[j]), (names[i], i, step)
+
+
+def test_alternating_and_dropped_assignments_keep_every_row_exact(trees: Trees) -> None:
+    """A step's decode forward and its joiners' prefill alternate between assignments (each
+    kept with its layers' plans); more assignments than are kept drop the oldest. Each forward
+    equals the same forward on a tree that saw no other assignment (cleared first)."""
+    tree = trees.tree
+    assignments = [
+        ["upper", "title", "reverse", "upper", "kron", "title"],
+        ["reverse", "lora3", "reverse", BASE_ROW_MARKER, "lora3"],
+        ["title", "upper", "title", "scale", "lora4", "upper", "kron"],
+    ]
+    assignments += [
+        [name for name in reversed(a)] for a in assignments[: routing.KEPT_ASSIGNMENTS - 1]
+    ]
+    torch.manual_seed(17)
+    inputs = [torch.randint(3, 250, (len(a), 4)) for a in assignments]
+    with torch.inference_mode():
+        fresh = []
+        for names, ids in zip(assignments, inputs, strict=True):
+            tree.routing.clear()
+            tree.assign(names)
+            fresh.append(tree.model(input_ids=ids).logits)
+        plans = None
+        for _ in range(2):  # alternating, then after more than KEPT_ASSIGNMENTS others
+            for k in (0, 1, 0, 1, 2, 0):
+                tree.assign(assignments[k])
+                if k == 0 and plans is not None:
+                    assert tree.routing.plans is plans  # kept, not rebuilt
+                assert torch.equal(tree.model(input_ids=inputs[k]).logits, fresh[k]), k
+                if k == 0:
+                    plans = tree.routing.plans
+                    assert plans  # the layers made their plans for it
+            for names, ids, expected in zip(assignments, inputs, fresh, strict=True):
+                tree.assign(names)
+                assert torch.equal(tree.model(input_ids=ids).logits, expected), names
+            plans = None  # assignment 0 was dropped meanwhile: rebuilt next time
+
+
+def test_a_hook_on_a_routed_base_module_still_runs(trees: Trees) -> None:
+    tree = trees.tree
+    base_layer = tree.layers["model.layers.1.self_attn.v_proj"].base_layer
+    names = ["upper", "title", "reverse", "upper"]
+    ids = torch.randint(3, 250, (len(names), 4))
+    seen: list[str] = []
+
+    def zero(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        seen.append("module")
+        return torch.zeros_like(output)
+
+    def count(module: Any, args: Any, output: torch.Tensor) -> None:
+        if module is base_layer:
+            seen.append("global")
+
+    with torch.inference_mode():
+        tree.assign(names)
+        plain = tree.model(input_ids=ids).logits
+        handle = base_layer.register_forward_hook(zero)
+        try:
+            hooked = tree.model(input_ids=ids).logits
+        finally:
+            handle.remove()
+        assert seen == ["module"]
+        assert not torch.equal(hooked, plain)  # the hook's zeros reached the logits
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+        try:
+            assert torch.equal(tree.model(input_ids=ids).logits, plain)
+        finally:
+            handle.remove()
+        assert seen == ["module", "global"]
+        assert torch.equal(tree.model(input_ids=ids).logits, plain)  # and after removal
+    assert seen == ["module", "global"]
 
 
 @pytest.fixture(scope="module")
