@@ -6,7 +6,9 @@ Each iteration of the loop (``_iterate``), on the worker thread:
 2. end running rows whose request was cancelled or passed its deadline; expire queued ones;
 3. admit queued requests (``scheduler.py``: FIFO, by rows and KV budget);
 4. one step (``_step``): prefill what the prefill budget allows, one decode forward of every
-   running sub-batch, then one sampler call for every row that gets a token;
+   running sub-batch, then one sampler call for every row that gets a token; a prefill of
+   whole prompts and the decode of a running sub-batch of the same key share one fused pass of
+   the fast forward where the matmuls of both keep their own forwards' bits (see ``_fuses``);
 5. rows that finished leave their sub-batch at once (``SubBatch.filter``), so the next
    iteration admits into the room they freed.
 
@@ -56,6 +58,12 @@ from .types import FinishReason
 
 logger = logging.getLogger(__name__)
 
+# A prefill and a decode fuse only when each feeds the matmuls at least this many rows (tokens):
+# MKL's sgemm on this CPU gives a row of a matmul of 4+ rows the same bits whatever the other
+# rows are, while 1-3 rows take another kernel (measured for every projection shape of the
+# demo model: docs/engine.md "Fused forwards"), so the fused pass keeps both forwards' numbers.
+FUSE_MIN_ROWS = 4
+
 T = TypeVar("T")
 
 
@@ -75,6 +83,16 @@ class _Forward:
 
     batch: SubBatch
     new: bool  # a prefilled sub-batch that joins the running batch after its first token
+
+
+# A decode's (input_ids, mask, positions), and its logits once computed.
+_Decode = tuple[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor | None]
+
+
+def _decode_mask(batch: SubBatch, mask: torch.Tensor | None) -> torch.Tensor | None:
+    # No padding left: no mask, as transformers itself turns an all-ones mask into none for a
+    # one-token query (SDPA) after summing it on every forward.
+    return mask if any(batch.pads) else None
 
 
 class Batcher:
@@ -408,22 +426,24 @@ class Batcher:
     # ---- the step ----
     def _step(self) -> StepStats | None:
         started = time.monotonic()
-        forwards, prefill_tokens = self._prefill()
+        # A beam search may hold a model on another adapter: those sub-batches wait.
+        decoding = [b for b in self._batch if self._step_model.can_run(b.key)]
+        forwards, prefill_tokens, fused = self._prefill(decoding)
         decode_tokens = 0
-        for batch in self._batch:
-            if not self._step_model.can_run(batch.key):
-                continue  # a beam search holds this model on another adapter: wait
-            input_ids, mask, positions = batch.decode_inputs()
-            # No padding left: no mask, as transformers itself turns an all-ones mask into
-            # none for a one-token query (SDPA) after summing it on every forward.
-            logits = self._step_model.forward(
-                batch.key,
-                batch.rows,
-                input_ids,
-                mask if any(batch.pads) else None,
-                positions,
-                batch.cache,
-            )
+        for batch in decoding:
+            # A sub-batch a prefill tried to fuse with has its inputs made (``decode_inputs``
+            # extends the mask: once a step), and its logits when the fused pass ran.
+            inputs, logits = fused.get(id(batch), (None, None))
+            if logits is None:
+                input_ids, mask, positions = inputs or batch.decode_inputs()
+                logits = self._step_model.forward(
+                    batch.key,
+                    batch.rows,
+                    input_ids,
+                    _decode_mask(batch, mask),
+                    positions,
+                    batch.cache,
+                )
             batch.advance()
             forwards.append((_Forward(batch, new=False), logits))
             decode_tokens += len(batch)
@@ -463,10 +483,16 @@ class Batcher:
             self._scheduler.row_cap = self._config.max_batch_size
         return StepStats(prefill_tokens, decode_tokens, len(rows), seconds)
 
-    def _prefill(self) -> tuple[list[tuple[_Forward, torch.Tensor]], int]:
-        """This step's prompt work: whole prompts by key, then chunks of long ones."""
+    def _prefill(
+        self, decoding: list[SubBatch]
+    ) -> tuple[list[tuple[_Forward, torch.Tensor]], int, dict[int, _Decode]]:
+        """This step's prompt work: whole prompts by key, then chunks of long ones. A key's
+        whole prompts fuse with the decode of a sub-batch of ``decoding`` of the same key
+        where ``_fuses`` allows; for such a sub-batch the result maps its ``id`` to its decode
+        inputs and, when the fused pass ran, its logits (its decode is then done)."""
         plan = self._scheduler.plan_prefill(self._prefills, self.partition)
         forwards: list[tuple[_Forward, torch.Tensor]] = []
+        fused: dict[int, _Decode] = {}
         tokens = 0
         done: set[int] = set()
         step = self._step_model
@@ -477,14 +503,31 @@ class Batcher:
             prompts = [p.ids for p in group]
             input_ids, mask, positions, pads = prefill_inputs(prompts, self._pad_token_id, device)
             cache = kv_cache.new_cache(step.model_config)
-            logits = step.forward(
-                key,
-                [p.rows[0] for p in group],
-                input_ids,
-                mask if any(pads) else None,  # generate drops an all-ones mask too
-                positions,
-                cache,
-            )
+            rows = [p.rows[0] for p in group]
+            prompt_mask = mask if any(pads) else None  # generate drops an all-ones mask too
+            logits = None
+            partner = self._fuses(key, input_ids, decoding, fused)
+            if partner is not None:
+                d_ids, d_mask, d_positions = d_inputs = partner.decode_inputs()
+                fused[id(partner)] = (d_inputs, None)
+                both = step.forward_fused(
+                    key,
+                    [
+                        (
+                            partner.rows,
+                            d_ids,
+                            _decode_mask(partner, d_mask),
+                            d_positions,
+                            partner.cache,
+                        ),
+                        (rows, input_ids, prompt_mask, positions, cache),
+                    ],
+                )
+                if both is not None:
+                    fused[id(partner)] = (d_inputs, both[0])
+                    logits = both[1]
+            if logits is None:
+                logits = step.forward(key, rows, input_ids, prompt_mask, positions, cache)
             forwards.append(self._joined(key, group, logits, cache, mask, pads))
             tokens += sum(len(p) for p in prompts)
             done.update(id(p) for p in group)
@@ -511,7 +554,24 @@ class Batcher:
                 )
                 done.add(id(prefill))
         self._prefills = [p for p in self._prefills if id(p) not in done]
-        return forwards, tokens
+        return forwards, tokens, fused
+
+    @staticmethod
+    def _fuses(
+        key: SubBatchKey,
+        prompt_ids: torch.Tensor,
+        decoding: list[SubBatch],
+        fused: dict[int, _Decode],
+    ) -> SubBatch | None:
+        """The running sub-batch a prefill of ``key`` shares its pass with, if any: one of the
+        same key, not fused yet, and both feeding the matmuls ``FUSE_MIN_ROWS`` rows or more
+        (the step's fast forward still decides whether it takes the pair)."""
+        if prompt_ids.numel() < FUSE_MIN_ROWS:
+            return None
+        for batch in decoding:
+            if batch.key == key and len(batch) >= FUSE_MIN_ROWS and id(batch) not in fused:
+                return batch
+        return None
 
     def _joined(
         self,

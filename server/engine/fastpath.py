@@ -31,6 +31,15 @@ over tuners whose forward is the base model's (no prompt learning, aLoRA, X-LoRA
 The load-time part is decided once per model; what can change between steps (an adapter
 attached into a module tree, the active adapter, a hook) is checked cheaply on every forward,
 before any tensor is touched.
+
+Fused forwards (``FastForward.fused``): several forwards of one model in one pass, e.g. a
+joiner's prefill and a running sub-batch's decode step. Every part's tokens go flattened
+through the embedding, norms, projections and MLP; each part keeps its own RoPE, mask, cache
+layer and SDPA, and its own final norm and lm_head on its last positions (the layout its own
+forward gives lm_head). Only the matmuls' row counts change; on CPU (MKL) a matmul of 4+ rows
+gives each row the same bits whatever the others are, so with 4+ rows in each part the pass is
+bitwise the parts' own forwards (docs/engine.md "Fused forwards"; the batcher fuses only then).
+``PEFTSERVE_FUSED_FORWARD=0`` turns fusing off.
 """
 
 from __future__ import annotations
@@ -128,6 +137,10 @@ def _peft_why_not(peft_model: Any) -> str:
     if getattr(config, "alora_invocation_tokens", None):
         return "aLoRA (per-row invocation offsets)"
     return ""
+
+
+# One forward's inputs for ``FastForward.fused``: (input_ids, 2-D mask or None, positions, cache).
+FusedPart = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, DynamicCache]
 
 
 class FastForward:
@@ -316,6 +329,64 @@ class FastForward:
         hidden = _rms_norm(_norm(modules["norm"]), hidden)
         hidden = hidden[:, slice(-1, None), :]  # slice_logits_to_keep(hidden, 1)
         return _lm_head(self.lm, hidden)
+
+    def fused(self, parts: list[FusedPart], plan: list[tuple[Any, ...]]) -> list[torch.Tensor]:
+        """Several forwards of this model in one pass: each part's (rows, 1, vocab) logits, as
+        ``__call__`` gives them for that part alone, each part's cache updated as its own
+        forward updates it (see "Fused forwards" in the module docstring).
+
+        Tokens of every part are flattened into one (tokens, hidden) tensor through the
+        embedding, the norms, every projection and the MLP; each part's attention (its RoPE,
+        mask, cache layer and SDPA) runs on its own rows; the final norm and lm_head run per
+        part on its last positions, with the row count that part's own forward has."""
+        modules = self.decoder._modules
+        rotary = modules["rotary_emb"]
+        shapes = [(int(ids.shape[0]), int(ids.shape[1])) for ids, _, _, _ in parts]
+        splits = [rows * length for rows, length in shapes]
+        flat_ids = torch.cat([ids.reshape(-1, 1) for ids, _, _, _ in parts])
+        hidden = _embed(modules["embed_tokens"], flat_ids)  # (tokens, 1, hidden)
+        hidden = hidden.view(hidden.shape[0], hidden.shape[-1])
+        attention: list[tuple[Any, ...]] = []
+        caches: list[Any] = [cache for _, _, _, cache in parts]  # SlotLayer/DynamicLayer layers
+        for (ids, mask, positions, _), cache, (_, length) in zip(
+            parts, caches, shapes, strict=True
+        ):
+            past = cache.layers[0].get_seq_length()
+            cos, sin = _rope(rotary, hidden, positions)
+            attention.append(
+                (_causal_mask(mask, ids, length, past), cos.unsqueeze(1), sin.unsqueeze(1))
+            )
+        for index, layer in enumerate(plan):
+            norm_in, attn, q, k, v, o, norm_post, gate, up, down, act = layer
+            residual = hidden
+            normed = _rms_norm(norm_in, hidden)
+            queries = _linear(q, normed).split(splits)
+            keys = _linear(k, normed).split(splits)
+            values = _linear(v, normed).split(splits)
+            outs = []
+            for i, (rows, length) in enumerate(shapes):
+                mask, cos, sin = attention[i]
+                shape = (rows, length, -1, attn.head_dim)
+                query = queries[i].view(shape).transpose(1, 2)
+                key = keys[i].view(shape).transpose(1, 2)
+                value = values[i].view(shape).transpose(1, 2)
+                query, key = _apply_rope(query, key, cos, sin)
+                key, value = caches[i].layers[index].update(key, value)
+                out = _sdpa(attn, query, key, value, mask, length)
+                outs.append(out.reshape(rows * length, -1))
+            hidden = residual + _linear(o, torch.cat(outs) if len(outs) > 1 else outs[0])
+            residual = hidden
+            normed = _rms_norm(norm_post, hidden)
+            gated = _act(act, _linear(gate, normed))
+            hidden = residual + _linear(down, gated * _linear(up, normed))
+        final = _norm(modules["norm"])
+        logits = []
+        for part, (rows, length) in zip(hidden.split(splits), shapes, strict=True):
+            # As ``__call__``: the norm over every position, then the last one's view (the
+            # layout lm_head reads decides the bits of a matmul this small).
+            normed = _rms_norm(final, part.view(rows, length, -1))
+            logits.append(_lm_head(self.lm, normed[:, slice(-1, None), :]))
+        return logits
 
 
 # ---- the ops, as transformers' modules run them ----
@@ -522,6 +593,11 @@ def enabled_by_environment() -> bool:
     return os.environ.get("PEFTSERVE_FAST_FORWARD", "1") != "0"
 
 
+def fusing_by_environment() -> bool:
+    """False when ``PEFTSERVE_FUSED_FORWARD=0``: the step then never fuses forwards."""
+    return os.environ.get("PEFTSERVE_FUSED_FORWARD", "1") != "0"
+
+
 class FastForwards:
     """Each model's ``FastForward`` (or why it has none), decided at its first forward."""
 
@@ -532,6 +608,8 @@ class FastForwards:
         )
         self.fallbacks: dict[str, int] = {}  # why -> forwards that took the model's own
         self.taken = 0  # forwards that took the fast one
+        self.fuse = fusing_by_environment()
+        self.fused = 0  # fused passes (each counted in ``taken`` once per part)
 
     def plan(self, model: Any) -> tuple[FastForward | None, str]:
         found = self._plans.get(model)
@@ -563,3 +641,21 @@ class FastForwards:
             return None
         self.taken += 1
         return fast(input_ids, attention_mask, position_ids, cache, plan)
+
+    def run_fused(self, model: Any, parts: list[FusedPart]) -> list[torch.Tensor] | None:
+        """Each part's (rows, 1, vocab) logits from one fused pass (``FastForward.fused``), or
+        None when the fast forward would not take every part: run them one by one."""
+        if not self.enabled or not self.fuse:
+            return None
+        fast, _ = self.plan(model)
+        if fast is None:
+            return None
+        for _, mask, _, cache in parts:
+            if fast.why_not(cache, mask):
+                return None
+        plan = fast.resolve()
+        if plan is None:
+            return None
+        self.taken += len(parts)
+        self.fused += 1
+        return fast.fused(parts, plan)

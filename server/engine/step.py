@@ -16,6 +16,8 @@ shares no state with the group models, so its rows never wait for a beam search.
 The forward itself is ``fastpath.FastForwards.run`` where it applies (Llama-style decoders:
 the same torch ops as the model's forward, without transformers' per-call machinery; it
 refuses itself for anything it does not reproduce bit for bit), else the model's own.
+``forward_fused`` runs several forwards of one key as one fast-forward pass (a joiner's prefill
+with a decode step), or nothing when the fast forward refuses any of them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from .peft_guard import guard_models
 from .registry import BASE_ROW_MARKER, ROUTED_GROUP, AdapterRegistry
 from .rows import Row
 from .running import SubBatchKey
+
+# One forward's part of a fused pass: (rows, input_ids, mask or None, positions, cache).
+FusedInputs = tuple[list[Row], torch.Tensor, torch.Tensor | None, torch.Tensor, DynamicCache]
 
 
 def adapter_name(row: Row) -> str:
@@ -81,12 +86,17 @@ class ModelStep:
         model, adapter = self._lent
         return model is not self.registry.groups[key.group].model or adapter == key.adapter
 
-    def _model(self, key: SubBatchKey, rows: list[Row]) -> Any:
+    def _model(self, key: SubBatchKey, rows: list[Row], tokens: list[int] | None = None) -> Any:
+        """The model for ``rows``; on the routed tree each row's adapter is assigned to its
+        ``tokens[i]`` consecutive input rows (1 each when None: one input row per row)."""
         if key.group == "base":
             return self.registry.base
         if key.group == ROUTED_GROUP:
             tree = self.registry.routed
-            tree.assign([adapter_name(row) for row in rows])
+            names = [adapter_name(row) for row in rows]
+            if tokens is not None:
+                names = [name for name, n in zip(names, tokens, strict=True) for _ in range(n)]
+            tree.assign(names)
             if not tree.routing.groups:
                 # Only base rows: the untouched base model (its tensors are the tree's own).
                 return self.registry.base
@@ -127,6 +137,26 @@ class ModelStep:
                 )
                 logits = out.logits
         return logits[:, -1].to(copy=True, dtype=torch.float32)
+
+    def forward_fused(
+        self, key: SubBatchKey, parts: list[FusedInputs]
+    ) -> list[torch.Tensor] | None:
+        """The forwards of ``parts`` (each: rows, input_ids, mask, positions, cache; all of
+        ``key``) in one fused pass of the fast forward (``FastForward.fused``), each part's
+        (rows, vocab) float32 logits as ``forward`` gives them for that part alone; None when
+        the fast forward does not take them all (nothing was run: call ``forward`` per part)."""
+        if not self.fast.enabled or not self.fast.fuse:
+            return None
+        rows = [row for part in parts for row in part[0]]
+        # On the routed tree the forward's input rows are tokens: each row's prompt positions.
+        tokens = [int(part[1].shape[1]) for part in parts for _ in part[0]]
+        model = self._model(key, rows, tokens)
+        inputs = [(ids, mask, positions, cache) for _, ids, mask, positions, cache in parts]
+        with guard_models(self.registry.models()), torch.inference_mode():
+            logits = self.fast.run_fused(model, inputs)
+        if logits is None:
+            return None
+        return [lg[:, -1].to(copy=True, dtype=torch.float32) for lg in logits]
 
 
 def prefill_inputs(
