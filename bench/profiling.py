@@ -47,8 +47,10 @@ WORKER_THREAD_NAME = "peftserve-engine"
 FORWARD_FILE = "torch/nn/modules/"
 # The engine's fast forward (server/engine/fastpath.py) is the model's forward run without
 # ``nn.Module.__call__`` (its projections, routed adapters included, are called by ``.forward``):
-# a frame of its entry point marks a sample inside the forward just the same.
-FORWARD_ENTRY = ("FastForward.__call__", "server/engine/fastpath.py")
+# a frame of one of its entry points (a forward, or a fused pass of several) marks a sample
+# inside the forward just the same.
+FORWARD_ENTRIES = ("FastForward.__call__", "FastForward.fused")
+FORWARD_ENTRY_FILE = "server/engine/fastpath.py"
 # First match wins: the path fragment of a frame's file -> the part of the stack it belongs to.
 CATEGORIES: tuple[tuple[str, str], ...] = (
     ("server/engine/fastpath.py", "model forward (python)"),
@@ -74,9 +76,9 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
 
 def in_forward(frames: list[tuple[str, str]]) -> bool:
     """Whether a stack (frames as (function, file)) is inside the model's forward."""
-    entry_func, entry_file = FORWARD_ENTRY
     return any(
-        FORWARD_FILE in file or (func == entry_func and entry_file in file) for func, file in frames
+        FORWARD_FILE in file or (func in FORWARD_ENTRIES and FORWARD_ENTRY_FILE in file)
+        for func, file in frames
     )
 
 

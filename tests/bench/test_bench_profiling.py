@@ -82,7 +82,8 @@ def test_worker_without_thread_names_is_the_thread_running_the_forward(tmp_path:
 def test_the_fast_forward_counts_as_the_model_forward(tmp_path: Path) -> None:
     """The engine's fast forward runs the model's modules without ``nn.Module.__call__``: its
     samples (and the routed adapters' layers it calls) are inside the forward all the same; its
-    helpers outside ``FastForward.__call__`` (the per-step checks) are not."""
+    helpers outside ``FastForward.__call__`` and ``FastForward.fused`` (the per-step checks)
+    are not."""
     raw = tmp_path / "fast.txt"
     fast = "/repo/server/engine/fastpath.py"
     raw.write_text(
@@ -91,13 +92,16 @@ def test_the_fast_forward_counts_as_the_model_forward(tmp_path: Path) -> None:
         "thread (0x1): peftserve-engine;forward (/repo/server/engine/step.py:3);"
         f"FastForward.__call__ ({fast}:330);"
         "RoutedLayer.forward (/repo/server/engine/routing.py:170) 20\n"
+        "thread (0x1): peftserve-engine;_prefill (/repo/server/engine/batcher.py:9);"
+        f"forward_fused (/repo/server/engine/step.py:150);FastForward.fused ({fast}:380);"
+        f"_sdpa ({fast}:510) 40\n"
         "thread (0x1): peftserve-engine;forward (/repo/server/engine/step.py:3);"
         f"why_not ({fast}:200) 5\n"
         "thread (0x1): peftserve-engine;choose (/repo/server/engine/sampler.py:7) 15\n"
     )
     worker = worker_breakdown(raw)
     assert worker is not None
-    assert worker["forward_samples"] == 80
-    assert worker["engine_python_percent"] == 20.0
+    assert worker["forward_samples"] == 120  # a fused pass is a forward too
+    assert worker["engine_python_percent"] == 14.3
     assert categorize(fast) == "model forward (python)"
     assert categorize("/repo/server/engine/routing.py") == "adapter routing (in the forward)"
