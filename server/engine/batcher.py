@@ -6,9 +6,10 @@ Each iteration of the loop (``_iterate``), on the worker thread:
 2. end running rows whose request was cancelled or passed its deadline; expire queued ones;
 3. admit queued requests (``scheduler.py``: FIFO, by rows and KV budget);
 4. one step (``_step``): prefill what the prefill budget allows, one decode forward of every
-   running sub-batch, then one sampler call for every row that gets a token; a prefill of
-   whole prompts and the decode of a running sub-batch of the same key share one fused pass of
-   the fast forward where the matmuls of both keep their own forwards' bits (see ``_fuses``);
+   running sub-batch, then one sampler call for every row that gets a token; a prefill forward
+   (whole prompts, or a chunk of a long one) and the decode of a running sub-batch of the same
+   key share one fused pass of the fast forward where the matmuls of both keep their own
+   forwards' bits (see ``_fuses``);
 5. rows that finished leave their sub-batch at once (``SubBatch.filter``), so the next
    iteration admits into the room they freed.
 
@@ -53,7 +54,7 @@ from .running import Prefill, RunningBatch, SubBatch, SubBatchKey
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .stats import EngineStats, StepListener, StepStats
-from .step import ModelStep, prefill_inputs
+from .step import FusedInputs, ModelStep, prefill_inputs
 from .types import FinishReason
 
 logger = logging.getLogger(__name__)
@@ -487,9 +488,10 @@ class Batcher:
         self, decoding: list[SubBatch]
     ) -> tuple[list[tuple[_Forward, torch.Tensor]], int, dict[int, _Decode]]:
         """This step's prompt work: whole prompts by key, then chunks of long ones. A key's
-        whole prompts fuse with the decode of a sub-batch of ``decoding`` of the same key
-        where ``_fuses`` allows; for such a sub-batch the result maps its ``id`` to its decode
-        inputs and, when the fused pass ran, its logits (its decode is then done)."""
+        whole prompts, and each chunk, fuse with the decode of a sub-batch of ``decoding`` of
+        the same key where ``_fuses`` allows (one sub-batch per prefill forward); for such a
+        sub-batch the result maps its ``id`` to its decode inputs and, when the fused pass
+        ran, its logits (its decode is then done)."""
         plan = self._scheduler.plan_prefill(self._prefills, self.partition)
         forwards: list[tuple[_Forward, torch.Tensor]] = []
         fused: dict[int, _Decode] = {}
@@ -505,29 +507,8 @@ class Batcher:
             cache = kv_cache.new_cache(step.model_config)
             rows = [p.rows[0] for p in group]
             prompt_mask = mask if any(pads) else None  # generate drops an all-ones mask too
-            logits = None
-            partner = self._fuses(key, input_ids, decoding, fused)
-            if partner is not None:
-                d_ids, d_mask, d_positions = d_inputs = partner.decode_inputs()
-                fused[id(partner)] = (d_inputs, None)
-                both = step.forward_fused(
-                    key,
-                    [
-                        (
-                            partner.rows,
-                            d_ids,
-                            _decode_mask(partner, d_mask),
-                            d_positions,
-                            partner.cache,
-                        ),
-                        (rows, input_ids, prompt_mask, positions, cache),
-                    ],
-                )
-                if both is not None:
-                    fused[id(partner)] = (d_inputs, both[0])
-                    logits = both[1]
-            if logits is None:
-                logits = step.forward(key, rows, input_ids, prompt_mask, positions, cache)
+            part = (rows, input_ids, prompt_mask, positions, cache)
+            logits = self._prefill_forward(key, part, decoding, fused)
             forwards.append(self._joined(key, group, logits, cache, mask, pads))
             tokens += sum(len(p) for p in prompts)
             done.update(id(p) for p in group)
@@ -541,9 +522,8 @@ class Batcher:
                 [prefill.ids[start : start + take]], dtype=torch.long, device=device
             )
             positions = torch.arange(start, start + take, device=device).unsqueeze(0)
-            logits = step.forward(
-                prefill.key, prefill.rows[:1], chunk, None, positions, prefill.cache
-            )
+            part = (prefill.rows[:1], chunk, None, positions, prefill.cache)
+            logits = self._prefill_forward(prefill.key, part, decoding, fused)
             prefill.done += take
             tokens += take
             if prefill.remaining == 0:
@@ -555,6 +535,28 @@ class Batcher:
                 done.add(id(prefill))
         self._prefills = [p for p in self._prefills if id(p) not in done]
         return forwards, tokens, fused
+
+    def _prefill_forward(
+        self,
+        key: SubBatchKey,
+        part: FusedInputs,
+        decoding: list[SubBatch],
+        fused: dict[int, _Decode],
+    ) -> torch.Tensor:
+        """The logits of one prefill forward (whole prompts or a chunk, ``part``), fused with
+        the decode of a sub-batch of ``decoding`` where ``_fuses`` finds one and the fast
+        forward takes both; ``fused`` records that sub-batch's inputs (and logits if fused)."""
+        step = self._step_model
+        partner = self._fuses(key, part[1], decoding, fused)
+        if partner is not None:
+            d_ids, d_mask, d_positions = d_inputs = partner.decode_inputs()
+            fused[id(partner)] = (d_inputs, None)
+            decode = (partner.rows, d_ids, _decode_mask(partner, d_mask), d_positions)
+            both = step.forward_fused(key, [(*decode, partner.cache), part])
+            if both is not None:
+                fused[id(partner)] = (d_inputs, both[0])
+                return both[1]
+        return step.forward(key, *part)
 
     @staticmethod
     def _fuses(

@@ -9,10 +9,12 @@ the matmuls at least ``FUSE_MIN_ROWS`` rows. Checked here:
   decode steps on the caches it wrote), on the demo model, random tiny models of every family
   the fast forward claims, a bfloat16 Llama, and the routed tree with LoRA, LoHa and base rows
   interleaved in both parts;
-* through the loop: joiners arriving while rows decode take fused passes, and every request
-  equals its solo ``generate``; with fusing turned off, and with a hook on the model (the fast
-  forward refuses itself, so the fused pass is not taken and the step runs both forwards one
-  by one), the same tokens.
+* a chunk of a long prompt into a cache that already holds the first one, fused with a decode
+  step, against the two forwards;
+* through the loop: joiners arriving while rows decode take fused passes, and so do the chunks
+  of a long prompt next to decoding rows, and every request equals its solo ``generate``;
+  with fusing turned off, and with a hook on the model (the fast forward refuses itself, so
+  the fused pass is not taken and the step runs both forwards one by one), the same tokens.
 """
 
 from __future__ import annotations
@@ -141,6 +143,35 @@ def test_tiny_families_fused_pass(name: str) -> None:
 
 def test_bfloat16_llama_fused_pass() -> None:
     _fused_against_separate(_tiny("llama", torch.bfloat16), "slot", [JOINING])
+
+
+@pytest.mark.parametrize("kind", ["slot", "dynamic"])
+def test_a_chunk_into_a_filled_cache_fuses_like_its_own_forward(demo_base: Any, kind: str) -> None:
+    # A long prompt's second chunk (its cache already holds the first) next to a decode step.
+    fast = FastForwards()
+    running, twin = (_Running(fast, demo_base, kind, steps=2) for _ in range(2))
+    prompt = list(range(3, 43))
+    caches = [kv_cache.new_cache(demo_base.config) for _ in range(2)]
+    first = torch.tensor([prompt[:16]])
+    with torch.inference_mode():
+        for cache in caches:
+            assert fast.run(demo_base, first, None, torch.arange(16)[None], cache) is not None
+        chunk, positions = torch.tensor([prompt[16:32]]), torch.arange(16, 32)[None]
+        d_ids, d_mask, d_positions = running.inputs()
+        twin.inputs()
+        fused = fast.run_fused(
+            demo_base,
+            [(d_ids, d_mask, d_positions, running.cache), (chunk, None, positions, caches[0])],
+        )
+        assert fused is not None
+        own = [
+            fast.run(demo_base, d_ids, d_mask, d_positions, twin.cache),
+            fast.run(demo_base, chunk, None, positions, caches[1]),
+        ]
+    for a, b in zip(fused, own, strict=True):
+        assert b is not None and torch.equal(a, b)
+    _assert_caches_equal(running.cache, twin.cache)
+    _assert_caches_equal(caches[0], caches[1])
 
 
 def _row(adapter: str) -> Any:
@@ -277,3 +308,47 @@ def test_a_refused_fused_pass_runs_the_forwards_one_by_one(
         for handle in handles:
             handle.remove()
     assert fast.fused == before
+
+
+@pytest.fixture
+def chunked_engine(model_files: ModelFiles, aio: asyncio.Runner) -> Any:
+    """An engine feeding at most 8 prompt tokens per step: longer prompts go in chunks."""
+    from .conftest import engine_config
+
+    eng = Engine(engine_config(model_files, max_prefill_tokens=8))
+    aio.run(eng.start())
+    yield eng
+    aio.run(eng.stop())
+
+
+def test_chunks_of_a_long_prompt_fuse_with_the_decoding_rows(
+    chunked_engine: Engine, reference: Reference, aio: asyncio.Runner
+) -> None:
+    engine = chunked_engine
+    fast = engine._batcher._step_model.fast
+    if not fast.enabled or not fast.fuse:
+        pytest.skip("the fast forward or fusing is turned off in this environment")
+    adapters = ["", *sorted(a.name for a in engine.adapters() if a.mixed_batching)][:3]
+    decoding = [
+        _greedy(f"dec-{i}", f"row {i}", 40, adapters[i % len(adapters)])
+        for i in range(FUSE_MIN_ROWS + 1)
+    ]
+    long_prompt = _greedy("long", "the quick brown fox jumps over the lazy dog " * 3, 6)
+
+    async def body() -> list[GenerationResult]:
+        handles = [engine.submit(r, stream=True) for r in decoding]
+        async for _ in handles[0]:
+            break  # the rows decode: the long prompt's chunks come next to them
+        handles.append(engine.submit(long_prompt))
+        return [await h.result() for h in handles]
+
+    before = fast.fused
+    results = aio.run(body())
+    for request, result in zip([*decoding, long_prompt], results, strict=True):
+        prompt = list(engine.tokenize(request.text or "").token_ids)
+        n = request.parameters.max_new_tokens
+        solo = reference.generate(request.adapter, prompt, max_new_tokens=n, min_new_tokens=n)
+        assert result.sequences[0].token_ids == tuple(solo[0]), request.request_id
+    assert len(engine.tokenize(long_prompt.text or "").token_ids) > 8 * 4
+    # Each 8-token chunk (whole prompts of the 5 decoding rows are under 8 tokens each) rode a pass.
+    assert fast.fused - before >= 4
