@@ -88,20 +88,30 @@ def test_a_full_queue_is_refused_in_the_front(tight_process_server: ServerThread
     proxy = tight_process_server.server.engine()
     with grpc.insecure_channel(tight_process_server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        running = stub.Generate.future(long_request(), timeout=120)
+        # The running request must hold the only row through every check below: a 4-beam
+        # search of 480 tokens (seconds; a plain 480-token row ended inside the twenty calls
+        # once the loop got faster), and the checks stop should it end first anyway.
+        slow = long_request()
+        slow.parameters.num_beams = 4
+        running = stub.Generate.future(slow, timeout=120)
         wait_for_stats(tight_process_server, queued=0, running=1)
         queued = stub.Generate.future(long_request(), timeout=120)
         wait_for_stats(tight_process_server, queued=1, running=1)
         sent_before = proxy.sent_requests
+        refused = 0
         for _ in range(20):
+            if running.done():
+                break
             error = rpc_error(stub.Generate, long_request(), timeout=30)
+            refused += 1
             details = details_of(error)
             assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert details.reason == "QUEUE_FULL"
             assert details.retry_delay_s is not None and details.retry_delay_s > 0
             metadata = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
             assert int(metadata["grpc-retry-pushback-ms"]) > 0
-        # Not one of the twenty reached the engine process.
+        assert refused >= 5, "the running request ended before the checks could run"
+        # Not one of the refused calls reached the engine process.
         assert proxy.sent_requests == sent_before
         assert running.result().sequences[0].finish_reason == pb.FINISH_REASON_LENGTH
         assert queued.result().sequences[0].finish_reason == pb.FINISH_REASON_LENGTH
