@@ -22,7 +22,7 @@ from peftserve.v1 import generation_pb2_grpc as pb_grpc
 
 from ..conftest import ServerThread
 from .status_details import details_of
-from .test_errors import long_request, rpc_error, wait_for_stats
+from .test_errors import blocking_request, long_request, rpc_error, wait_for_stats
 from .test_lifecycle import start_subprocess
 
 
@@ -88,12 +88,10 @@ def test_a_full_queue_is_refused_in_the_front(tight_process_server: ServerThread
     proxy = tight_process_server.server.engine()
     with grpc.insecure_channel(tight_process_server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        # The running request must hold the only row through every check below: a 4-beam
-        # search of 480 tokens (seconds; a plain 480-token row ended inside the twenty calls
-        # once the loop got faster), and the checks stop should it end first anyway.
-        slow = long_request()
-        slow.parameters.num_beams = 4
-        running = stub.Generate.future(slow, timeout=120)
+        # The running request must hold the only row through every check below (a plain
+        # 480-token row ended inside the twenty calls once the loop got faster), and the checks
+        # stop should it end first anyway.
+        running = stub.Generate.future(blocking_request(), timeout=120)
         wait_for_stats(tight_process_server, queued=0, running=1)
         queued = stub.Generate.future(long_request(), timeout=120)
         wait_for_stats(tight_process_server, queued=1, running=1)

@@ -118,6 +118,15 @@ def long_request(max_new_tokens: int = 480) -> pb.GenerateRequest:
     )
 
 
+def blocking_request() -> pb.GenerateRequest:
+    """A request that holds the only row of a ``max_batch_size=1`` server for seconds: a 4-beam
+    search of 480 tokens (a plain 480-token row lasts ~0.6 s on the demo model now, which a
+    test's checks can outlast)."""
+    request = long_request()
+    request.parameters.num_beams = 4
+    return request
+
+
 @pytest.fixture(scope="module")
 def tight_server() -> Any:
     """One request at a time and a queue of one, so overload is easy to provoke."""
@@ -162,7 +171,7 @@ def test_deadline_passing_while_queued_never_runs(tight_server: ServerThread) ->
     batches_before = sum(tight_server.run_in_loop(engine.stats).batch_size_histogram.values())
     with grpc.insecure_channel(tight_server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        running = stub.Generate.future(long_request(), timeout=120)
+        running = stub.Generate.future(blocking_request(), timeout=120)
         wait_for_stats(tight_server, queued=0, running=1)
         error = rpc_error(stub.Generate, long_request(5), timeout=0.3)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -26,7 +26,7 @@ from peftserve.v1 import generation_pb2 as pb
 from peftserve.v1 import generation_pb2_grpc as pb_grpc
 
 from ..conftest import ServerThread
-from .test_errors import long_request, rpc_error, wait_for_stats
+from .test_errors import blocking_request, long_request, rpc_error, wait_for_stats
 from .test_metrics import scrape, scrape_until
 from .test_stream_bounds import Records
 
@@ -81,7 +81,7 @@ def full_server(tight_server: ServerThread) -> Iterator[ServerThread]:
     """One running and one queued request: every further Generate finds the queue full."""
     with grpc.insecure_channel(tight_server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        running = stub.Generate.future(long_request(), timeout=300)
+        running = stub.Generate.future(blocking_request(), timeout=300)
         wait_for_stats(tight_server, queued=0, running=1)
         queued = stub.Generate.future(long_request(), timeout=300)
         wait_for_stats(tight_server, queued=1, running=1)
