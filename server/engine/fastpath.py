@@ -56,7 +56,6 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn import functional
-from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache
 from transformers.activations import SiLUActivation
 from transformers.cache_utils import DynamicLayer
@@ -67,7 +66,7 @@ from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
 from .kv_cache import SlotLayer
-from .peft_guard import has_hooks
+from .peft_guard import HookWatch
 
 # The transformers release whose modeling code this module reproduces op for op.
 TRANSFORMERS_VERSION = "5.24.0"
@@ -154,8 +153,7 @@ class FastForward:
         self.decoder = lm.model
         self.config = lm.config
         self.num_layers = int(lm.config.num_hidden_layers)
-        self._hook_id = -1
-        self._hooked = True
+        self._hooks = HookWatch(model)
 
     # ---- deciding ----
     @staticmethod
@@ -215,12 +213,7 @@ class FastForward:
         """What, at this forward, the fast path would not reproduce ("" = nothing)."""
         if attention_mask is not None and attention_mask.ndim != 2:
             return "a mask that is not a 2-D padding mask"
-        if self._hooked or RemovableHandle.next_id != self._hook_id:
-            # A hook may have been registered since the last look (ids come from one counter),
-            # or removed since the last look found one (a scan per forward while hooked).
-            self._hook_id = RemovableHandle.next_id
-            self._hooked = has_hooks(self.model)
-        if self._hooked:
+        if self._hooks.hooked():
             return "hooks on the model"
         if self.model.training or self.lm.training:
             return "training mode"
@@ -609,7 +602,7 @@ class FastForwards:
         self.fallbacks: dict[str, int] = {}  # why -> forwards that took the model's own
         self.taken = 0  # forwards that took the fast one
         self.fuse = fusing_by_environment()
-        self.fused = 0  # fused passes (each counted in ``taken`` once per part)
+        self.fused_passes = 0  # fused passes (each counted in ``taken`` once per part)
 
     def plan(self, model: Any) -> tuple[FastForward | None, str]:
         found = self._plans.get(model)
@@ -657,5 +650,5 @@ class FastForwards:
         if plan is None:
             return None
         self.taken += len(parts)
-        self.fused += 1
+        self.fused_passes += 1
         return fast.fused(parts, plan)

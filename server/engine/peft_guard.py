@@ -69,6 +69,26 @@ def has_hooks(model: torch.nn.Module) -> bool:
     return any(getattr(m, name, None) for m in model.modules() for name in HOOK_DICTS)
 
 
+class HookWatch:
+    """``has_hooks(module)``, rescanned only when the answer may have changed: after a hook was
+    registered anywhere (handle ids come from one counter, ``RemovableHandle.next_id``) or while
+    the last scan found one (removing a hook moves no counter, so the answer turns back at the
+    first call after). The fast forward and the routed layers ask it on every call."""
+
+    __slots__ = ("_hook_id", "_hooked", "_module")
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._module = module
+        self._hook_id = -1
+        self._hooked = True
+
+    def hooked(self) -> bool:
+        if self._hooked or RemovableHandle.next_id != self._hook_id:
+            self._hook_id = RemovableHandle.next_id
+            self._hooked = has_hooks(self._module)
+        return self._hooked
+
+
 @dataclass
 class _PeftState:
     """What a failed call may have changed on one ``PeftModel``."""

@@ -49,9 +49,8 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional
-from torch.utils.hooks import RemovableHandle
 
-from .peft_guard import has_hooks
+from .peft_guard import HookWatch
 
 # peft's marker for "no adapter" rows; such rows get the base layer's output only.
 BASE_ROW_MARKER = "__base__"
@@ -259,13 +258,12 @@ class RoutedLayer(nn.Module):
         self.additive = True  # every adapter here adds an increment (no IA3 scaling)
         self._routing = routing
         # A plain nn.Linear base is applied as its forward would be, without nn.Module.__call__
-        # (~3 us a call), while no hook anywhere asks for the call (checked as the fast path
-        # does: hook ids come from one counter, so a new hook changes it).
+        # (~3 us a call), while no hook anywhere asks for the call (``HookWatch``, as the fast
+        # forward checks its model).
         self._linear: dict[str, Any] | None = None
         if type(base_layer) is nn.Linear:
             self._linear = base_layer._parameters
-        self._hook_id = -1
-        self._hooked = True
+        self._hooks = HookWatch(base_layer)
 
     def set_delta(self, name: str, delta: Delta | None) -> None:
         if delta is None:
@@ -297,12 +295,8 @@ class RoutedLayer(nn.Module):
 
     def _base(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         params = self._linear
-        if params is not None and not args and not kwargs:
-            if RemovableHandle.next_id != self._hook_id:
-                self._hook_id = RemovableHandle.next_id
-                self._hooked = has_hooks(self.base_layer)
-            if not self._hooked:
-                return functional.linear(x, params["weight"], params["bias"])  # nn.Linear.forward
+        if params is not None and not args and not kwargs and not self._hooks.hooked():
+            return functional.linear(x, params["weight"], params["bias"])  # nn.Linear.forward
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         return result
 

@@ -122,7 +122,7 @@ def _fused_against_separate(model: Any, kind: str, joiners: list[list[tuple[int,
         assert a is not None and b is not None and torch.equal(a, b)
         running.advance(a)
         twin.advance(b)
-    assert fast.fused == 1
+    assert fast.fused_passes == 1
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_routed_tree_fused_pass_routes_every_token(model_files: ModelFiles) -> N
                     (p_rows, p_ids, p_mask, p_positions, p_cache),
                 ],
             )
-            assert out is not None and step.fast.fused == 1, step.fast.fallbacks
+            assert out is not None and step.fast.fused_passes == 1, step.fast.fallbacks
         else:
             out = [
                 step.forward(key, rows, d_ids, d_mask, d_positions, cache),
@@ -278,9 +278,9 @@ def test_joiners_take_fused_passes_and_get_their_solo_tokens(
     fast = engine._batcher._step_model.fast
     if not fast.enabled or not fast.fuse:
         pytest.skip("the fast forward or fusing is turned off in this environment")
-    before = fast.fused
+    before = fast.fused_passes
     _joiners_while_running(engine, reference, aio)
-    assert fast.fused > before, "joiners next to 4+ decoding rows should have fused"
+    assert fast.fused_passes > before, "joiners next to 4+ decoding rows should have fused"
 
 
 def test_the_same_tokens_without_fusing(
@@ -288,9 +288,9 @@ def test_the_same_tokens_without_fusing(
 ) -> None:
     fast = engine._batcher._step_model.fast
     monkeypatch.setattr(fast, "fuse", False)
-    before = fast.fused
+    before = fast.fused_passes
     _joiners_while_running(engine, reference, aio)
-    assert fast.fused == before
+    assert fast.fused_passes == before
 
 
 def test_a_refused_fused_pass_runs_the_forwards_one_by_one(
@@ -301,13 +301,13 @@ def test_a_refused_fused_pass_runs_the_forwards_one_by_one(
     fast = engine._batcher._step_model.fast
     registry = engine._batcher._step_model.registry
     handles = [model.register_forward_hook(lambda *a: None) for model in registry.models()]
-    before = fast.fused
+    before = fast.fused_passes
     try:
         _joiners_while_running(engine, reference, aio)
     finally:
         for handle in handles:
             handle.remove()
-    assert fast.fused == before
+    assert fast.fused_passes == before
 
 
 @pytest.fixture
@@ -342,7 +342,7 @@ def test_chunks_of_a_long_prompt_fuse_with_the_decoding_rows(
         handles.append(engine.submit(long_prompt))
         return [await h.result() for h in handles]
 
-    before = fast.fused
+    before = fast.fused_passes
     results = aio.run(body())
     for request, result in zip([*decoding, long_prompt], results, strict=True):
         prompt = list(engine.tokenize(request.text or "").token_ids)
@@ -351,4 +351,4 @@ def test_chunks_of_a_long_prompt_fuse_with_the_decoding_rows(
         assert result.sequences[0].token_ids == tuple(solo[0]), request.request_id
     assert len(engine.tokenize(long_prompt.text or "").token_ids) > 8 * 4
     # Each 8-token chunk (whole prompts of the 5 decoding rows are under 8 tokens each) rode a pass.
-    assert fast.fused - before >= 4
+    assert fast.fused_passes - before >= 4
