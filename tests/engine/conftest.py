@@ -163,3 +163,12 @@ def engine(model_files: ModelFiles, aio: asyncio.Runner) -> Iterator[Engine]:
     aio.run(eng.start())
     yield eng
     aio.run(eng.stop())
+
+
+@pytest.fixture
+def chunked_engine(model_files: ModelFiles, aio: asyncio.Runner) -> Iterator[Engine]:
+    """A fresh engine feeding at most 16 prompt tokens per step: longer prompts go in chunks."""
+    eng = Engine(engine_config(model_files, max_prefill_tokens=16))
+    aio.run(eng.start())
+    yield eng
+    aio.run(eng.stop())

@@ -36,7 +36,7 @@ from peftserve.server.engine.types import GenerationParams, GenerationRequest
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from .conftest import ModelFiles, Reference, engine_config
+from .conftest import ModelFiles, Reference
 
 TINY: dict[str, Any] = {
     "vocab_size": 96,
@@ -304,38 +304,34 @@ def test_refuses_what_it_does_not_reproduce(tmp_path: Path) -> None:
 
 
 def test_the_engine_takes_it_for_every_forward(
-    model_files: ModelFiles, reference: Reference, aio: asyncio.Runner
+    chunked_engine: Engine, reference: Reference, aio: asyncio.Runner
 ) -> None:
     """Through the loop (padded prefills, chunks, joins, base and every adapter mixed), no
     forward of the served models falls back, and every request still gets its solo tokens."""
     if not enabled_by_environment():
         pytest.skip("PEFTSERVE_FAST_FORWARD=0")
-    eng = Engine(engine_config(model_files, max_prefill_tokens=16))
-    aio.run(eng.start())
-    try:
-        names = ["", *sorted(a.name for a in eng.adapters())]
-        requests = [
-            GenerationRequest(
-                f"r{i}",
-                text="the quick brown fox jumps over the lazy dog"[: 5 + 9 * i],
-                adapter=names[i % len(names)],
-                parameters=GenerationParams(max_new_tokens=6, min_new_tokens=6, do_sample=False),
-            )
-            for i in range(2 * len(names))
-        ]
+    eng = chunked_engine
+    names = ["", *sorted(a.name for a in eng.adapters())]
+    requests = [
+        GenerationRequest(
+            f"r{i}",
+            text="the quick brown fox jumps over the lazy dog"[: 5 + 9 * i],
+            adapter=names[i % len(names)],
+            parameters=GenerationParams(max_new_tokens=6, min_new_tokens=6, do_sample=False),
+        )
+        for i in range(2 * len(names))
+    ]
 
-        async def body() -> list[Any]:
-            handles = [eng.submit(r) for r in requests]
-            return [await h.result() for h in handles]
+    async def body() -> list[Any]:
+        handles = [eng.submit(r) for r in requests]
+        return [await h.result() for h in handles]
 
-        results = aio.run(body())
-        for request, result in zip(requests, results, strict=True):
-            prompt = list(eng.tokenize(request.text or "").token_ids)
-            solo = reference.generate(
-                request.adapter, prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False
-            )[0]
-            assert list(result.sequences[0].token_ids) == solo, request.request_id
-        step: Any = eng._batcher._step_model  # type: ignore[attr-defined]
-        assert step.fast.fallbacks == {} and step.fast.taken > len(requests)
-    finally:
-        aio.run(eng.stop())
+    results = aio.run(body())
+    for request, result in zip(requests, results, strict=True):
+        prompt = list(eng.tokenize(request.text or "").token_ids)
+        solo = reference.generate(
+            request.adapter, prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False
+        )[0]
+        assert list(result.sequences[0].token_ids) == solo, request.request_id
+    step: Any = eng._batcher._step_model  # type: ignore[attr-defined]
+    assert step.fast.fallbacks == {} and step.fast.taken > len(requests)

@@ -310,17 +310,6 @@ def test_a_refused_fused_pass_runs_the_forwards_one_by_one(
     assert fast.fused_passes == before
 
 
-@pytest.fixture
-def chunked_engine(model_files: ModelFiles, aio: asyncio.Runner) -> Any:
-    """An engine feeding at most 8 prompt tokens per step: longer prompts go in chunks."""
-    from .conftest import engine_config
-
-    eng = Engine(engine_config(model_files, max_prefill_tokens=8))
-    aio.run(eng.start())
-    yield eng
-    aio.run(eng.stop())
-
-
 def test_chunks_of_a_long_prompt_fuse_with_the_decoding_rows(
     chunked_engine: Engine, reference: Reference, aio: asyncio.Runner
 ) -> None:
@@ -349,6 +338,6 @@ def test_chunks_of_a_long_prompt_fuse_with_the_decoding_rows(
         n = request.parameters.max_new_tokens
         solo = reference.generate(request.adapter, prompt, max_new_tokens=n, min_new_tokens=n)
         assert result.sequences[0].token_ids == tuple(solo[0]), request.request_id
-    assert len(engine.tokenize(long_prompt.text or "").token_ids) > 8 * 4
-    # Each 8-token chunk (whole prompts of the 5 decoding rows are under 8 tokens each) rode a pass.
+    assert len(engine.tokenize(long_prompt.text or "").token_ids) > 16 * 4
+    # Each 16-token chunk (the 5 decoding rows' prompts are a few tokens each) rode a pass.
     assert fast.fused_passes - before >= 4

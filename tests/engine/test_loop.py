@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 
 import pytest
 from peftserve.server.engine import Engine, StepStats
@@ -21,7 +20,7 @@ from peftserve.server.engine.types import (
     GenerationResult,
 )
 
-from .conftest import ModelFiles, Reference, engine_config
+from .conftest import Reference
 
 
 def _text(n_chars: int, seed: int) -> str:
@@ -52,15 +51,6 @@ def _adapters(engine: Engine) -> tuple[str, str, str]:
     lora = sorted(a.name for a in infos if a.peft_type == "LORA")
     other = sorted(a.name for a in infos if a.peft_type != "LORA")
     return lora[0], lora[1], other[0]
-
-
-@pytest.fixture
-def chunked_engine(model_files: ModelFiles, aio: asyncio.Runner) -> Iterator[Engine]:
-    """An engine feeding at most 16 prompt tokens per step."""
-    eng = Engine(engine_config(model_files, max_prefill_tokens=16))
-    aio.run(eng.start())
-    yield eng
-    aio.run(eng.stop())
 
 
 def test_request_joining_a_running_batch_gets_its_solo_tokens(

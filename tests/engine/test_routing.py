@@ -194,6 +194,14 @@ def _prefill_and_decode(
     return logits
 
 
+def _grouped(names: list[str]) -> tuple[list[int], list[str]]:
+    """The row order that makes each adapter's rows contiguous (groups in order of first
+    appearance), and the names in that order."""
+    first = {name: names.index(name) for name in names}
+    perm = sorted(range(len(names)), key=lambda i: first[names[i]])
+    return perm, [names[i] for i in perm]
+
+
 @pytest.mark.parametrize(
     "names",
     [
@@ -212,9 +220,7 @@ def test_interleaved_steps_equal_contiguous_steps(trees: Trees, names: list[str]
     torch.manual_seed(11)
     ids = torch.randint(3, 250, (len(names), 5))
     tokens = [torch.randint(3, 250, (len(names), 1)) for _ in range(3)]
-    first = {name: names.index(name) for name in names}
-    perm = sorted(range(len(names)), key=lambda i: first[names[i]])
-    grouped = [names[i] for i in perm]
+    perm, grouped = _grouped(names)
     with torch.inference_mode():
         trees.tree.assign(names)
         assert trees.tree.routing.order is not None  # the gathered path
@@ -300,9 +306,7 @@ def test_uncached_and_other_dtype_adapters_on_the_gathered_path_get_solo_bits(
     torch.manual_seed(13)
     ids = torch.randint(3, 250, (len(names), 6))
     tokens = [torch.randint(3, 250, (len(names), 1)) for _ in range(2)]
-    first = {name: names.index(name) for name in names}
-    perm = sorted(range(len(names)), key=lambda i: first[names[i]])
-    grouped = [names[i] for i in perm]
+    perm, grouped = _grouped(names)
     tree = other_tree.tree
     with torch.inference_mode():
         tree.assign(names)
